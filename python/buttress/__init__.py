@@ -1,0 +1,37 @@
+"""buttress: production-grade distributed-systems patterns for Python, with Rust hot paths.
+
+>>> import buttress
+>>> breaker = buttress.CircuitBreaker("search", failure_threshold=5)
+>>> breaker.call(sum, [1, 2, 3])
+6
+"""
+
+from buttress import _core
+from buttress._core import ManualClock
+from buttress.errors import BulkheadFullError, ButtressError, CircuitOpenError
+from buttress.resilience import (
+    BreakerMetrics,
+    Bulkhead,
+    BulkheadRegistry,
+    BulkheadStats,
+    CircuitBreaker,
+    CircuitPermit,
+    CircuitState,
+)
+
+__version__: str = _core.__version__
+
+__all__ = [
+    "BreakerMetrics",
+    "Bulkhead",
+    "BulkheadFullError",
+    "BulkheadRegistry",
+    "BulkheadStats",
+    "ButtressError",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "CircuitPermit",
+    "CircuitState",
+    "ManualClock",
+    "__version__",
+]

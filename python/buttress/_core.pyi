@@ -1,0 +1,246 @@
+"""Types of the Rust extension module; `python -m mypy.stubtest buttress._core` keeps them true."""
+
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Final, final
+
+from typing_extensions import disjoint_base
+
+from buttress.resilience._state import CircuitState
+
+__all__ = [
+    "BreakerFunction",
+    "BreakerMetrics",
+    "Bulkhead",
+    "BulkheadStats",
+    "BulkheadWaiter",
+    "CircuitBreaker",
+    "CircuitPermit",
+    "ManualClock",
+    "__version__",
+]
+
+__version__: Final[str]
+
+@final
+class ManualClock:
+    """A clock that moves only when told to: pass it as `clock=` so tests never sleep."""
+
+    def __new__(cls, start: float = 0.0) -> ManualClock: ...
+    def now(self) -> float:
+        """The clock's reading in seconds."""
+    def advance(self, seconds: float) -> None:
+        """Moves the clock forward by `seconds`."""
+    def set(self, seconds: float) -> None:
+        """Moves the clock to `seconds`; an earlier time than now raises ValueError."""
+
+@disjoint_base
+class CircuitBreaker:
+    """A circuit breaker: stops calling a failing dependency, then lets trial calls test it."""
+
+    def __new__(
+        cls,
+        name: str = "default",
+        *,
+        failure_threshold: int | None = 5,
+        failure_rate_threshold: float | None = None,
+        slow_call_rate_threshold: float | None = None,
+        slow_call_duration: float = 60.0,
+        window_type: str = "count",
+        window_size: int = 100,
+        minimum_calls: int = 10,
+        reset_timeout: float = 30.0,
+        backoff_multiplier: float = 1.0,
+        max_reset_timeout: float | None = None,
+        jitter: float = 0.0,
+        half_open_max_calls: int = 1,
+        success_threshold: int = 1,
+        record_exceptions: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+        ignore_exceptions: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+        result_is_failure: Callable[[Any], object] | None = None,
+        fallback: Callable[..., Any] | None = None,
+        clock: ManualClock | None = None,
+    ) -> CircuitBreaker: ...
+    @property
+    def name(self) -> str:
+        """The breaker's name, carried by `CircuitOpenError`."""
+    @property
+    def state(self) -> CircuitState:
+        """The current state; an open breaker whose wait is over reads as half-open."""
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds until an open breaker admits a trial call; None while forced open."""
+    @property
+    def fallback(self) -> Callable[..., Any] | None:
+        """What a refused call returns instead of raising, or None."""
+    @property
+    def clock(self) -> ManualClock | None:
+        """The manual clock this breaker reads, or None for the monotonic clock."""
+    def call(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Calls `func(*args, **kwargs)` through the breaker and records how it ended."""
+    def try_acquire(self) -> CircuitPermit | None:
+        """Admits a call without raising: a permit to record the outcome on, or None."""
+    def acquire(self) -> CircuitPermit:
+        """Admits a call or raises `CircuitOpenError`."""
+    def __enter__(self) -> None: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+        /,
+    ) -> bool: ...
+    def force_open(self) -> None:
+        """Forces the breaker open: every call is refused until `reset()`."""
+    def disable(self) -> None:
+        """Disables the breaker: every call is admitted and nothing is counted until `reset()`."""
+    def reset(self) -> None:
+        """Closes the breaker and starts a fresh window, whatever its state."""
+    def add_listener(self, listener: Callable[[Any, CircuitState, CircuitState], object]) -> None:
+        """Calls `listener(breaker, old_state, new_state)` after every transition."""
+    def remove_listener(
+        self, listener: Callable[[Any, CircuitState, CircuitState], object]
+    ) -> None:
+        """Stops calling `listener`; raises ValueError when it was not added."""
+    def metrics(self) -> BreakerMetrics:
+        """A snapshot of the state, the window's rates and the lifetime counts."""
+
+@final
+class CircuitPermit:
+    """One admitted call's ticket: record its outcome exactly once."""
+
+    def success(self) -> None:
+        """Records a success."""
+    def failure(self) -> None:
+        """Records a failure."""
+    def ignore(self) -> None:
+        """Releases the permit without counting the call either way."""
+    def record_exception(self, error: BaseException) -> None:
+        """Records `error` as the breaker classifies it."""
+    def record_result(self, value: object) -> None:
+        """Records a returned value, asking the breaker's `result_is_failure` when it has one."""
+    @property
+    def recorded(self) -> bool:
+        """True once an outcome was recorded."""
+    def __enter__(self) -> CircuitPermit: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+        /,
+    ) -> bool: ...
+
+@final
+class BreakerFunction:
+    """A function wrapped by `@breaker`: each call goes through the breaker, all in Rust."""
+
+    def __new__(cls, breaker: CircuitBreaker, func: Callable[..., Any]) -> BreakerFunction: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+    def __get__(self, instance: object, owner: type | None = None, /) -> Any: ...
+    @property
+    def breaker(self) -> CircuitBreaker:
+        """The breaker this function calls through."""
+
+@final
+class BreakerMetrics:
+    """A snapshot of a breaker: state, window rates and lifetime counts."""
+
+    @property
+    def state(self) -> CircuitState: ...
+    @property
+    def failure_rate(self) -> float | None: ...
+    @property
+    def slow_call_rate(self) -> float | None: ...
+    @property
+    def window_calls(self) -> int: ...
+    @property
+    def window_failures(self) -> int: ...
+    @property
+    def window_slow_calls(self) -> int: ...
+    @property
+    def calls(self) -> int: ...
+    @property
+    def successes(self) -> int: ...
+    @property
+    def failures(self) -> int: ...
+    @property
+    def slow_calls(self) -> int: ...
+    @property
+    def ignored(self) -> int: ...
+    @property
+    def rejected(self) -> int: ...
+    @property
+    def transitions(self) -> int: ...
+    @property
+    def consecutive_failures(self) -> int: ...
+    @property
+    def consecutive_trips(self) -> int: ...
+
+@disjoint_base
+class Bulkhead:
+    """A partition that admits at most `max_concurrent` calls at once."""
+
+    def __new__(
+        cls,
+        name: str = "default",
+        *,
+        max_concurrent: int = 25,
+        max_waiting: int = 100,
+        max_wait: float | None = 0.0,
+    ) -> Bulkhead: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def max_concurrent(self) -> int: ...
+    @property
+    def max_waiting(self) -> int: ...
+    @property
+    def max_wait(self) -> float | None:
+        """The default longest wait in seconds; None waits as long as it takes."""
+    def try_acquire(self) -> bool:
+        """Takes a permit if one is free now; never waits."""
+    def acquire(self, timeout: float | None = None) -> None:
+        """Takes a permit, waiting up to `timeout` seconds (default: `max_wait`)."""
+    def release(self) -> None:
+        """Gives a permit back (to the longest waiter, if any)."""
+    def call(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Calls `func(*args, **kwargs)` holding a permit, returned however the call ends."""
+    def __enter__(self) -> None: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+        /,
+    ) -> bool: ...
+    def _enqueue(
+        self, wake: Callable[[], object], timeout: float | None = None
+    ) -> BulkheadWaiter | None: ...
+    def _abandon(self, waiter: BulkheadWaiter, timed_out: bool) -> bool: ...
+    def stats(self) -> BulkheadStats:
+        """A snapshot of active and waiting calls and lifetime counts."""
+
+@final
+class BulkheadWaiter:
+    """A queued asyncio caller of a bulkhead."""
+
+    @property
+    def granted(self) -> bool: ...
+
+@final
+class BulkheadStats:
+    """A snapshot of a bulkhead's load."""
+
+    @property
+    def active(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def max_observed(self) -> int: ...
+    @property
+    def accepted(self) -> int: ...
+    @property
+    def rejected(self) -> int: ...
+    @property
+    def timed_out(self) -> int: ...

@@ -1,0 +1,77 @@
+"""The one exception hierarchy of buttress; the Rust core raises these through one mapping."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BulkheadFullError",
+    "ButtressError",
+    "CircuitOpenError",
+]
+
+
+class ButtressError(Exception):
+    """Base class of every error buttress raises on purpose."""
+
+
+class CircuitOpenError(ButtressError):
+    """A circuit breaker refused the call.
+
+    ``name`` is the breaker's name; ``retry_after`` the seconds until it admits a trial call
+    (``0.0`` while half-open trial slots are taken, ``None`` while it is forced open).
+    """
+
+    # The arguments stay in ``args`` (no stored attributes) so raising is cheap and pickling
+    # rebuilds the same error.
+    def __init__(self, name: str, retry_after: float | None) -> None:
+        super().__init__(name, retry_after)
+
+    @property
+    def name(self) -> str:
+        return str(self.args[0])
+
+    @property
+    def retry_after(self) -> float | None:
+        value = self.args[1]
+        return None if value is None else float(value)
+
+    def __str__(self) -> str:
+        if self.retry_after is None:
+            return (
+                f"Circuit breaker '{self.name}' is forced open; "
+                "it admits no call until it is reset."
+            )
+        return f"Circuit breaker '{self.name}' is open; retry in {self.retry_after:.3f} seconds."
+
+
+class BulkheadFullError(ButtressError):
+    """A bulkhead had no permit to give within its limits.
+
+    ``reason`` is ``"full"`` when every permit was taken and the caller could not wait, or
+    ``"timeout"`` when it waited the longest it was allowed.
+    """
+
+    def __init__(self, name: str, max_concurrent: int, reason: str) -> None:
+        super().__init__(name, max_concurrent, reason)
+
+    @property
+    def name(self) -> str:
+        return str(self.args[0])
+
+    @property
+    def max_concurrent(self) -> int:
+        return int(self.args[1])
+
+    @property
+    def reason(self) -> str:
+        return str(self.args[2])
+
+    def __str__(self) -> str:
+        if self.reason == "timeout":
+            return (
+                f"Bulkhead '{self.name}' is full: all {self.max_concurrent} permits stayed "
+                "taken for the longest wait allowed."
+            )
+        return (
+            f"Bulkhead '{self.name}' is full: all {self.max_concurrent} permits are taken "
+            "and no more callers may wait."
+        )

@@ -1,0 +1,133 @@
+//! The crate's one error type and its one mapping to the Python exceptions of `buttress.errors`.
+//!
+//! The cores return [`Error`]; only [`to_py_err`] knows which Python class each variant becomes,
+//! so the hierarchy under `ButtressError` is defined once, in Python, with docstrings and pickling.
+
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyType;
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Error {
+    /// A value outside what the argument accepts; becomes `ValueError`.
+    InvalidArgument {
+        argument: &'static str,
+        message: String,
+    },
+    /// A value of the wrong kind; becomes `TypeError`.
+    WrongType {
+        argument: &'static str,
+        message: String,
+    },
+    /// The breaker refused the call; `retry_after` is `None` while it is forced open.
+    CircuitOpen {
+        name: String,
+        retry_after_seconds: Option<f64>,
+    },
+    /// The bulkhead had no permit to give within its limits.
+    BulkheadFull {
+        name: String,
+        max_concurrent: u32,
+        reason: FullReason,
+    },
+    /// A permit's outcome may be recorded once; becomes `RuntimeError`.
+    PermitAlreadyRecorded,
+    /// An API used out of order (for example `__exit__` without `__enter__`); becomes `RuntimeError`.
+    Misuse(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullReason {
+    /// Every permit was taken and waiting was not allowed or the wait queue was full.
+    NoCapacity,
+    /// The caller waited the longest it was allowed to.
+    TimedOut,
+}
+
+impl FullReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FullReason::NoCapacity => "full",
+            FullReason::TimedOut => "timeout",
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn invalid(argument: &'static str, message: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            argument,
+            message: message.into(),
+        }
+    }
+
+    pub fn wrong_type(argument: &'static str, message: impl Into<String>) -> Self {
+        Error::WrongType {
+            argument,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidArgument { message, .. } | Error::WrongType { message, .. } => {
+                f.write_str(message)
+            }
+            // The user-facing sentences for these live in `buttress.errors`, where the
+            // exception classes format them; this text only serves Rust-side debugging.
+            Error::CircuitOpen { name, .. } => write!(f, "circuit breaker '{name}' is open"),
+            Error::BulkheadFull { name, reason, .. } => {
+                write!(f, "bulkhead '{name}' is full ({})", reason.as_str())
+            }
+            Error::PermitAlreadyRecorded => f.write_str(
+                "This permit's outcome was already recorded; record each permit exactly once.",
+            ),
+            Error::Misuse(message) => f.write_str(message),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+fn error_class<'py>(py: Python<'py>, name: &'static str) -> PyResult<Bound<'py, PyType>> {
+    static MODULE: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
+    let module = MODULE.get_or_try_init(py, || {
+        py.import("buttress.errors").map(|module| module.unbind())
+    })?;
+    Ok(module.bind(py).getattr(name)?.cast_into::<PyType>()?)
+}
+
+/// The one place a Rust error becomes a Python exception.
+pub fn to_py_err(py: Python<'_>, error: Error) -> PyErr {
+    let built = match &error {
+        Error::InvalidArgument { .. } => return PyValueError::new_err(error.to_string()),
+        Error::WrongType { .. } => return PyTypeError::new_err(error.to_string()),
+        Error::PermitAlreadyRecorded | Error::Misuse(_) => {
+            return PyRuntimeError::new_err(error.to_string())
+        }
+        Error::CircuitOpen {
+            name,
+            retry_after_seconds,
+        } => error_class(py, "CircuitOpenError")
+            .map(|class| PyErr::from_type(class, (name.clone(), *retry_after_seconds))),
+        Error::BulkheadFull {
+            name,
+            max_concurrent,
+            reason,
+        } => error_class(py, "BulkheadFullError")
+            .map(|class| PyErr::from_type(class, (name.clone(), *max_concurrent, reason.as_str()))),
+    };
+    built.unwrap_or_else(|import_failure| import_failure)
+}
+
+impl From<Error> for PyErr {
+    fn from(error: Error) -> Self {
+        Python::attach(|py| to_py_err(py, error))
+    }
+}

@@ -1,0 +1,31 @@
+//! buttress: distributed-systems patterns for Python with Rust hot paths.
+//!
+//! Each core is a plain-Rust module with its own unit tests (`breaker`, `bulkhead`, `clock`);
+//! each `*_py` module is the thin PyO3 binding for one core; `errors` maps the crate's one error
+//! type to Python exceptions.
+
+pub mod breaker;
+mod breaker_py;
+pub mod bulkhead;
+mod bulkhead_py;
+pub mod clock;
+mod clock_py;
+pub mod errors;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+mod _core {
+    #[pymodule_export]
+    use crate::breaker_py::{BreakerFunction, BreakerMetrics, CircuitBreaker, CircuitPermit};
+    #[pymodule_export]
+    use crate::bulkhead_py::{Bulkhead, BulkheadStats, BulkheadWaiter};
+    #[pymodule_export]
+    use crate::clock_py::ManualClock;
+
+    #[pymodule_init]
+    fn init(module: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+        use pyo3::types::PyModuleMethods;
+        module.add("__version__", env!("CARGO_PKG_VERSION"))
+    }
+}
