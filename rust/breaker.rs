@@ -1009,7 +1009,22 @@ impl Breaker {
         let mut transitions = Transitions::default();
         loop {
             let word = self.state.load(Ordering::Acquire);
-            if State::from_bits(word) == target && target != State::Open {
+            let current = State::from_bits(word);
+            if current == target && target == State::Closed {
+                // Resetting a closed breaker starts a fresh window and forgets the run of
+                // failures: a new generation, but no transition to report.
+                let next = pack_state(State::Closed, state_generation(word).wrapping_add(1), 0);
+                if self
+                    .state
+                    .compare_exchange(word, next, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    self.consecutive_trips.store(0, Ordering::Release);
+                    return transitions;
+                }
+                continue;
+            }
+            if current == target && target != State::Open {
                 return transitions;
             }
             if let Some(transition) = self.try_transition(word, target, self.clock.now_nanos()) {
@@ -1333,6 +1348,11 @@ mod tests {
         breaker.transition_to(State::Closed);
         assert_eq!(breaker.state().0, State::Closed);
         assert_eq!(breaker.metrics().transitions, 3);
+        run(&breaker, Outcome::Failure);
+        assert_eq!(breaker.metrics().consecutive_failures, 1);
+        breaker.transition_to(State::Closed);
+        assert_eq!(breaker.metrics().consecutive_failures, 0, "reset starts afresh");
+        assert_eq!(breaker.metrics().transitions, 3, "closed to closed is no transition");
     }
 
     #[test]

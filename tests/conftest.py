@@ -1,0 +1,62 @@
+"""Shared test settings: hypothesis profiles and the real-service fixtures.
+
+Hypothesis runs few examples locally and many in CI (``CI`` set, or
+``BUTTRESS_HYPOTHESIS_PROFILE=ci``). Tests that need PostgreSQL or Redis skip with a reason
+when none answers, and fail instead when ``BUTTRESS_REQUIRE_SERVICES=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("dev", max_examples=60, deadline=None)
+settings.register_profile(
+    "ci",
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(
+    os.environ.get("BUTTRESS_HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
+)
+
+POSTGRES_URL = os.environ.get("BUTTRESS_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("BUTTRESS_REDIS_URL", "redis://127.0.0.1:6379/0")
+REQUIRE_SERVICES = os.environ.get("BUTTRESS_REQUIRE_SERVICES") == "1"
+
+
+def _answers(url: str, default_port: int) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection(
+            (parsed.hostname or "127.0.0.1", parsed.port or default_port), 1
+        ):
+            return True
+    except OSError:
+        return False
+
+
+def _service(url: str, default_port: int, what: str) -> str:
+    if _answers(url, default_port):
+        return url
+    message = f"{what} does not answer at {url}; start it or set the URL variable."
+    if REQUIRE_SERVICES:
+        pytest.fail(message + " BUTTRESS_REQUIRE_SERVICES=1 makes this a failure.")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The PostgreSQL URL, once the server answers."""
+    return _service(POSTGRES_URL, 5432, "PostgreSQL")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The Redis URL, once the server answers."""
+    return _service(REDIS_URL, 6379, "Redis")
