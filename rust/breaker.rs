@@ -1351,8 +1351,16 @@ mod tests {
         run(&breaker, Outcome::Failure);
         assert_eq!(breaker.metrics().consecutive_failures, 1);
         breaker.transition_to(State::Closed);
-        assert_eq!(breaker.metrics().consecutive_failures, 0, "reset starts afresh");
-        assert_eq!(breaker.metrics().transitions, 3, "closed to closed is no transition");
+        assert_eq!(
+            breaker.metrics().consecutive_failures,
+            0,
+            "reset starts afresh"
+        );
+        assert_eq!(
+            breaker.metrics().transitions,
+            3,
+            "closed to closed is no transition"
+        );
     }
 
     #[test]

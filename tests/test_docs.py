@@ -1,0 +1,43 @@
+"""The README's examples and the docstring examples run as written."""
+
+from __future__ import annotations
+
+import doctest
+import pathlib
+import re
+
+import pytest
+
+import buttress
+import buttress.errors
+import buttress.resilience.breaker
+import buttress.resilience.bulkhead
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_examples() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.DOTALL)
+
+
+def test_readme_has_an_example_per_available_pattern() -> None:
+    examples = "\n".join(readme_examples())
+    assert "CircuitBreaker(" in examples
+    assert "Bulkhead" in examples
+
+
+@pytest.mark.parametrize("index", range(len(readme_examples())))
+def test_readme_example_runs(index: int, capsys: pytest.CaptureFixture[str]) -> None:
+    code = readme_examples()[index]
+    exec(compile(code, f"README.md example {index + 1}", "exec"), {"__name__": "__readme__"})
+    assert capsys.readouterr().out  # every example shows its result
+
+
+@pytest.mark.parametrize(
+    "module",
+    [buttress, buttress.errors, buttress.resilience.breaker, buttress.resilience.bulkhead],
+    ids=lambda module: module.__name__,
+)
+def test_docstring_examples(module: object) -> None:
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)  # type: ignore[arg-type]
+    assert result.failed == 0
