@@ -6,12 +6,12 @@ use crate::breaker::{
 };
 use crate::clock::{nanos_to_seconds, Clock};
 use crate::clock_py::{parse_seconds, ManualClock};
-use crate::errors::{to_py_err, Error};
+use crate::errors::{circuit_open_error, Error};
 use pyo3::exceptions::PyBaseException;
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyTuple, PyType};
+use pyo3::types::{PyDict, PyString, PyTuple, PyType};
 use pyo3::PyTraverseError;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -112,6 +112,10 @@ fn count(argument: &'static str, value: i64) -> Result<u32, Error> {
     })
 }
 
+/// A refused admission: nanoseconds until a retry, `None` while forced open.
+#[derive(Clone, Copy)]
+struct Refused(Option<u64>);
+
 thread_local! {
     /// Permits taken by `with breaker:` on this thread, innermost last, keyed by the breaker's
     /// address. Synchronous `with` blocks nest on a thread, so a stack pairs each exit with its
@@ -127,7 +131,8 @@ thread_local! {
 #[pyclass(frozen, subclass, weakref, module = "buttress._core")]
 pub struct CircuitBreaker {
     core: Breaker,
-    name: String,
+    // Kept as a Python string: a refusal hands it to the error without copying.
+    name: Py<PyString>,
     clock: Option<Py<ManualClock>>,
     record_exceptions: Py<PyTuple>,
     ignore_exceptions: Py<PyTuple>,
@@ -142,20 +147,26 @@ impl CircuitBreaker {
         self as *const Self as usize
     }
 
-    /// Admits a call, running listeners for any transition admission caused.
+    /// Admits a call, running listeners for any transition admission caused. A refusal
+    /// carries the wait until a retry (`None` while forced open).
     #[inline]
-    fn admit(&self, slf: &Bound<'_, Self>) -> PyResult<Result<Permit, Error>> {
+    fn admit(&self, slf: &Bound<'_, Self>) -> Result<Permit, Refused> {
         let (admission, transitions) = self.core.try_acquire();
         if !transitions.is_empty() {
             self.notify(slf, transitions);
         }
-        Ok(match admission {
+        match admission {
             Admission::Permitted(permit) => Ok(permit),
-            Admission::Rejected { retry_after_nanos } => Err(Error::CircuitOpen {
-                name: self.name.clone(),
-                retry_after_seconds: retry_after_nanos.map(nanos_to_seconds),
-            }),
-        })
+            Admission::Rejected { retry_after_nanos } => Err(Refused(retry_after_nanos)),
+        }
+    }
+
+    fn open_error(&self, py: Python<'_>, refused: Refused) -> PyErr {
+        circuit_open_error(
+            py,
+            self.name.bind(py).as_any(),
+            refused.0.map(nanos_to_seconds),
+        )
     }
 
     /// How an exception counts: ignored types and non-`Exception` interrupts (cancellation,
@@ -273,13 +284,13 @@ impl CircuitBreaker {
     fn rejected<'py>(
         &self,
         py: Python<'py>,
-        error: Error,
+        refused: Refused,
         args: &Bound<'py, PyTuple>,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         match &self.fallback {
             Some(fallback) => fallback.bind(py).call(args, kwargs),
-            None => Err(to_py_err(py, error)),
+            None => Err(self.open_error(py, refused)),
         }
     }
 }
@@ -397,7 +408,7 @@ impl CircuitBreaker {
         let core = Breaker::new(config, core_clock)?;
         Ok(CircuitBreaker {
             core,
-            name: name.to_owned(),
+            name: PyString::new(py, name).unbind(),
             clock,
             record_exceptions: record_exceptions.unbind(),
             ignore_exceptions: ignore_exceptions.unbind(),
@@ -409,8 +420,8 @@ impl CircuitBreaker {
 
     /// The breaker's name, carried by `CircuitOpenError`.
     #[getter]
-    fn name(&self) -> &str {
-        &self.name
+    fn name(&self, py: Python<'_>) -> Py<PyString> {
+        self.name.clone_ref(py)
     }
 
     /// The current `CircuitState`; an open breaker whose wait is over reads as half-open.
@@ -462,41 +473,41 @@ impl CircuitBreaker {
             )
             .into());
         }
-        match this.admit(slf)? {
+        match this.admit(slf) {
             Ok(permit) => {
                 let result = func.call(args, kwargs);
                 this.finish(slf, permit, result)
             }
-            Err(error) => this.rejected(slf.py(), error, args, kwargs),
+            Err(refused) => this.rejected(slf.py(), refused, args, kwargs),
         }
     }
 
     /// Admits a call without raising: a `CircuitPermit` to record the outcome on, or None.
     fn try_acquire(slf: &Bound<'_, Self>) -> PyResult<Option<CircuitPermit>> {
         let this = slf.get();
-        Ok(match this.admit(slf)? {
-            Ok(permit) => Some(CircuitPermit::new(slf, permit)),
-            Err(_) => None,
-        })
+        Ok(this
+            .admit(slf)
+            .ok()
+            .map(|permit| CircuitPermit::new(slf, permit)))
     }
 
     /// Admits a call or raises `CircuitOpenError`; record the outcome on the returned permit.
     fn acquire(slf: &Bound<'_, Self>) -> PyResult<CircuitPermit> {
         let this = slf.get();
-        match this.admit(slf)? {
+        match this.admit(slf) {
             Ok(permit) => Ok(CircuitPermit::new(slf, permit)),
-            Err(error) => Err(to_py_err(slf.py(), error)),
+            Err(refused) => Err(this.open_error(slf.py(), refused)),
         }
     }
 
     fn __enter__(slf: &Bound<'_, Self>) -> PyResult<()> {
         let this = slf.get();
-        match this.admit(slf)? {
+        match this.admit(slf) {
             Ok(permit) => {
                 ENTERED.with(|stack| stack.borrow_mut().push((this.key(), permit)));
                 Ok(())
             }
-            Err(error) => Err(to_py_err(slf.py(), error)),
+            Err(refused) => Err(this.open_error(slf.py(), refused)),
         }
     }
 
@@ -768,12 +779,12 @@ impl BreakerFunction {
     ) -> PyResult<Bound<'py, PyAny>> {
         let breaker = self.breaker.bind(py);
         let this = breaker.get();
-        match this.admit(breaker)? {
+        match this.admit(breaker) {
             Ok(permit) => {
                 let result = self.func.bind(py).call(args, kwargs);
                 this.finish(breaker, permit, result)
             }
-            Err(error) => this.rejected(py, error, args, kwargs),
+            Err(refused) => this.rejected(py, refused, args, kwargs),
         }
     }
 

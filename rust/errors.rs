@@ -95,12 +95,36 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-fn error_class<'py>(py: Python<'py>, name: &'static str) -> PyResult<Bound<'py, PyType>> {
-    static MODULE: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
-    let module = MODULE.get_or_try_init(py, || {
-        py.import("buttress.errors").map(|module| module.unbind())
-    })?;
-    Ok(module.bind(py).getattr(name)?.cast_into::<PyType>()?)
+/// The exception classes of `buttress.errors`, looked up once: raising must stay cheap.
+fn error_class<'py>(
+    py: Python<'py>,
+    cell: &'static PyOnceLock<Py<PyType>>,
+    name: &'static str,
+) -> PyResult<&'py Bound<'py, PyType>> {
+    cell.get_or_try_init(py, || {
+        Ok::<_, PyErr>(
+            py.import("buttress.errors")?
+                .getattr(name)?
+                .cast_into::<PyType>()?
+                .unbind(),
+        )
+    })
+    .map(|class| class.bind(py))
+}
+
+static CIRCUIT_OPEN_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static BULKHEAD_FULL_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+/// `CircuitOpenError(name, retry_after)`; the breaker passes its name as a cached Python string.
+pub fn circuit_open_error(
+    py: Python<'_>,
+    name: &Bound<'_, PyAny>,
+    retry_after_seconds: Option<f64>,
+) -> PyErr {
+    match error_class(py, &CIRCUIT_OPEN_ERROR, "CircuitOpenError") {
+        Ok(class) => PyErr::from_type(class.clone(), (name.clone().unbind(), retry_after_seconds)),
+        Err(import_failure) => import_failure,
+    }
 }
 
 /// The one place a Rust error becomes a Python exception.
@@ -114,14 +138,20 @@ pub fn to_py_err(py: Python<'_>, error: Error) -> PyErr {
         Error::CircuitOpen {
             name,
             retry_after_seconds,
-        } => error_class(py, "CircuitOpenError")
-            .map(|class| PyErr::from_type(class, (name.clone(), *retry_after_seconds))),
+        } => {
+            let name = pyo3::types::PyString::new(py, name);
+            return circuit_open_error(py, name.as_any(), *retry_after_seconds);
+        }
         Error::BulkheadFull {
             name,
             max_concurrent,
             reason,
-        } => error_class(py, "BulkheadFullError")
-            .map(|class| PyErr::from_type(class, (name.clone(), *max_concurrent, reason.as_str()))),
+        } => error_class(py, &BULKHEAD_FULL_ERROR, "BulkheadFullError").map(|class| {
+            PyErr::from_type(
+                class.clone(),
+                (name.clone(), *max_concurrent, reason.as_str()),
+            )
+        }),
     };
     built.unwrap_or_else(|import_failure| import_failure)
 }

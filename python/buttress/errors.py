@@ -20,10 +20,8 @@ class CircuitOpenError(ButtressError):
     (``0.0`` while half-open trial slots are taken, ``None`` while it is forced open).
     """
 
-    # The arguments stay in ``args`` (no stored attributes) so raising is cheap and pickling
-    # rebuilds the same error.
-    def __init__(self, name: str, retry_after: float | None) -> None:
-        super().__init__(name, retry_after)
+    # Built as ``CircuitOpenError(name, retry_after)``. No ``__init__`` of its own: the
+    # arguments stay in ``args``, so raising costs no Python frame and pickling rebuilds it.
 
     @property
     def name(self) -> str:
@@ -50,8 +48,7 @@ class BulkheadFullError(ButtressError):
     ``"timeout"`` when it waited the longest it was allowed.
     """
 
-    def __init__(self, name: str, max_concurrent: int, reason: str) -> None:
-        super().__init__(name, max_concurrent, reason)
+    # Built as ``BulkheadFullError(name, max_concurrent, reason)``, arguments kept in ``args``.
 
     @property
     def name(self) -> str:
