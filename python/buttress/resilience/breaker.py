@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextvars
-import functools
 import inspect
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, cast, overload
 
 from buttress import _core
+from buttress.resilience._decorate import decorate
 from buttress.resilience._state import CircuitState
 
 __all__ = ["BreakerMetrics", "CircuitBreaker", "CircuitPermit", "CircuitState"]
@@ -58,18 +58,11 @@ class CircuitBreaker(_core.CircuitBreaker):
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]: ...
     def __call__(self, func: Callable[P, Any]) -> Callable[P, Any]:
         """Decorates a function or coroutine function so every call goes through the breaker."""
-        if not callable(func):
-            raise TypeError(f"func must be callable (got {func!r}).")
-        if inspect.iscoroutinefunction(func):
-
-            @functools.wraps(func)
-            async def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await self.call_async(func, *args, **kwargs)
-
-            return guarded
-        wrapper = _core.BreakerFunction(self, func)
-        functools.update_wrapper(wrapper, func)
-        return cast(Callable[P, Any], wrapper)
+        return decorate(
+            func,
+            call_async=self.call_async,
+            wrap_sync=lambda func: _core.BreakerFunction(self, func),
+        )
 
     async def call_async(
         self, func: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
-import inspect
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
@@ -13,6 +12,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 from buttress import _core
 from buttress.errors import BulkheadFullError
+from buttress.resilience._decorate import decorate
 
 __all__ = ["Bulkhead", "BulkheadRegistry", "BulkheadStats"]
 
@@ -53,21 +53,14 @@ class Bulkhead(_core.Bulkhead):
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]: ...
     def __call__(self, func: Callable[P, Any]) -> Callable[P, Any]:
         """Decorates a function or coroutine function so every call holds a permit."""
-        if not callable(func):
-            raise TypeError(f"func must be callable (got {func!r}).")
-        if inspect.iscoroutinefunction(func):
 
-            @functools.wraps(func)
-            async def guarded_async(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await self.call_async(func, *args, **kwargs)
+        def wrap_sync(func: Callable[P, Any]) -> Callable[P, Any]:
+            def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
+                return self.call(func, *args, **kwargs)
 
-            return guarded_async
+            return guarded
 
-        @functools.wraps(func)
-        def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
-            return self.call(func, *args, **kwargs)
-
-        return guarded
+        return decorate(func, call_async=self.call_async, wrap_sync=wrap_sync)
 
     async def acquire_async(self, timeout: float | None = None) -> None:
         """Takes a permit without blocking the event loop, waiting up to ``timeout`` seconds

@@ -1,0 +1,32 @@
+"""The one decorator shape shared by the guards (breaker, bulkhead)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+def decorate(
+    func: Callable[..., Any],
+    *,
+    call_async: Callable[..., Awaitable[Any]],
+    wrap_sync: Callable[[Callable[..., Any]], Callable[..., Any]],
+) -> Callable[..., Any]:
+    """Wraps ``func`` so every call goes through a guard, keeping its metadata.
+
+    Coroutine functions are awaited through ``call_async(func, *args, **kwargs)``; plain
+    functions are wrapped by ``wrap_sync(func)``, which must bind like a function so decorated
+    methods still receive their instance.
+    """
+    if not callable(func):
+        raise TypeError(f"func must be callable (got {func!r}).")
+    if inspect.iscoroutinefunction(func):
+
+        @functools.wraps(func)
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            return await call_async(func, *args, **kwargs)
+
+        return guarded
+    return functools.update_wrapper(wrap_sync(func), func)
