@@ -473,7 +473,7 @@ pub struct Breaker {
     half_open: AtomicU64,
     consecutive_trips: AtomicU32,
     window_cursor: AtomicU64,
-    window_swept_second: AtomicU64,
+    window_swept: AtomicU64,
     totals: AtomicU128,
     buckets: Box<[AtomicU128]>,
     jitter_seed: AtomicU64,
@@ -505,7 +505,7 @@ impl Breaker {
             half_open: AtomicU64::new(pack_half_open(0, 0, 0)),
             consecutive_trips: AtomicU32::new(0),
             window_cursor: AtomicU64::new(0),
-            window_swept_second: AtomicU64::new(0),
+            window_swept: AtomicU64::new(pack_pair(0, 0)),
             totals: AtomicU128::new(0),
             buckets: (0..bucket_count).map(|_| AtomicU128::new(0)).collect(),
             jitter_seed: AtomicU64::new(seed),
@@ -661,6 +661,10 @@ impl Breaker {
     /// Records how an admitted call ended. Returns the transitions it caused.
     #[inline]
     pub fn record(&self, permit: Permit, outcome: Outcome) -> Transitions {
+        if permit.state == State::Disabled {
+            // Like resilience4j, a disabled breaker neither decides nor counts.
+            return Transitions::default();
+        }
         let slow = outcome != Outcome::Ignored
             && self.config.tracks_slow_calls()
             && self.clock.now_nanos().saturating_sub(permit.started_nanos)
@@ -686,11 +690,17 @@ impl Breaker {
             Outcome::Failure => true,
             Outcome::Success => false,
         };
-        let consecutive = self.record_consecutive(generation, failed);
-        let mut trip = matches!(
-            (consecutive, self.config.failure_threshold),
-            (Some(run), Some(threshold)) if run >= threshold
-        );
+        // Only a call admitted in the current closed period may touch its run and window.
+        if !self.is_current(State::Closed, generation) {
+            return Transitions::default();
+        }
+        let Some(run) = self.record_consecutive(generation, failed) else {
+            return Transitions::default();
+        };
+        let mut trip = self
+            .config
+            .failure_threshold
+            .is_some_and(|threshold| run >= threshold);
         if !trip && self.config.uses_window() {
             if let Some(counts) = self.record_window(generation, failed, slow) {
                 trip = self.rates_exceeded(counts);
@@ -708,6 +718,12 @@ impl Breaker {
             }
         }
         transitions
+    }
+
+    #[inline]
+    fn is_current(&self, state: State, generation: u32) -> bool {
+        let word = self.state.load(Ordering::Acquire);
+        State::from_bits(word) == state && state_generation(word) == generation
     }
 
     /// Updates the run of failures; `None` when the record belongs to an earlier generation.
@@ -756,14 +772,13 @@ impl Breaker {
         let outcome = Counts::of(failed, slow);
         match self.config.window_kind {
             WindowKind::Count => {
-                let index =
-                    self.window_cursor.fetch_add(1, Ordering::Relaxed) % self.buckets.len() as u64;
+                let index = self.next_count_slot(generation)?;
                 let mine = Bucket {
                     generation,
                     tag: 0,
                     counts: outcome,
                 };
-                self.put_bucket(index as usize, mine, |_| false)
+                self.put_bucket(index, mine, |_| false)
             }
             WindowKind::Time => {
                 let second = (self.clock.now_nanos() / NANOS_PER_SECOND) as u32;
@@ -780,6 +795,33 @@ impl Breaker {
                     existing.tag.wrapping_sub(second) < (1 << 31)
                 });
                 changed.or(swept)
+            }
+        }
+    }
+
+    /// Claims the next slot of a count window for `generation`. The cursor is tagged with its
+    /// generation so a stale record can never take a slot from the current window.
+    fn next_count_slot(&self, generation: u32) -> Option<usize> {
+        let size = self.buckets.len() as u32;
+        let mut current = self.window_cursor.load(Ordering::Acquire);
+        loop {
+            let (cursor_generation, index) = unpack_pair(current);
+            let index = if cursor_generation == generation {
+                index
+            } else if generation_after(generation, cursor_generation) {
+                0
+            } else {
+                return None;
+            };
+            let next = pack_pair(generation, (index + 1) % size);
+            match self.window_cursor.compare_exchange_weak(
+                current,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(index as usize),
+                Err(seen) => current = seen,
             }
         }
     }
@@ -861,11 +903,18 @@ impl Breaker {
     /// Empties the buckets of `generation` that fell out of the time window ending at `second`;
     /// runs at most once per second. Returns the totals when anything was removed.
     fn sweep_expired(&self, generation: u32, second: u32) -> Option<Counts> {
-        let swept = self.window_swept_second.load(Ordering::Acquire);
-        if second as u64 <= swept
+        let swept = self.window_swept.load(Ordering::Acquire);
+        let (swept_generation, swept_second) = unpack_pair(swept);
+        let due = if swept_generation == generation {
+            second.wrapping_sub(swept_second).wrapping_sub(1) < (1 << 31)
+        } else {
+            generation_after(generation, swept_generation)
+        };
+        let claim = pack_pair(generation, second);
+        if !due
             || self
-                .window_swept_second
-                .compare_exchange(swept, second as u64, Ordering::AcqRel, Ordering::Acquire)
+                .window_swept
+                .compare_exchange(swept, claim, Ordering::AcqRel, Ordering::Acquire)
                 .is_err()
         {
             return None;
@@ -1245,6 +1294,57 @@ mod tests {
         run(&breaker, Outcome::Failure);
         assert_eq!(breaker.state().0, State::Closed);
         assert_eq!(breaker.metrics().consecutive_failures, 1);
+    }
+
+    #[test]
+    fn stale_outcome_takes_no_slot_from_the_count_window() {
+        let (breaker, time) = manual(BreakerConfig {
+            failure_threshold: None,
+            failure_rate_threshold: Some(0.5),
+            window_size: 4,
+            minimum_calls: 4,
+            reset_timeout_nanos: SECOND,
+            ..BreakerConfig::default()
+        });
+        let long_call = admit(&breaker);
+        for _ in 0..4 {
+            run(&breaker, Outcome::Failure);
+        }
+        time.advance(SECOND);
+        run(&breaker, Outcome::Success);
+        for outcome in [
+            Outcome::Failure,
+            Outcome::Success,
+            Outcome::Success,
+            Outcome::Success,
+        ] {
+            run(&breaker, outcome);
+        }
+        breaker.record(long_call, Outcome::Success);
+        run(&breaker, Outcome::Success);
+        run(&breaker, Outcome::Failure); // the window is S S S F now: a rate of 0.25
+        assert_eq!(breaker.state().0, State::Closed);
+    }
+
+    #[test]
+    fn stale_outcome_does_not_sweep_for_the_current_window() {
+        let (breaker, time) = manual(BreakerConfig {
+            failure_threshold: None,
+            failure_rate_threshold: Some(0.5),
+            window_kind: WindowKind::Time,
+            window_size: 2,
+            minimum_calls: 3,
+            ..BreakerConfig::default()
+        });
+        let stale = admit(&breaker);
+        breaker.transition_to(State::Closed);
+        run(&breaker, Outcome::Failure);
+        run(&breaker, Outcome::Failure);
+        time.advance(5 * SECOND);
+        breaker.record(stale, Outcome::Success);
+        run(&breaker, Outcome::Success);
+        assert_eq!(breaker.metrics().window.calls, 1);
+        assert_eq!(breaker.state().0, State::Closed);
     }
 
     #[test]

@@ -100,16 +100,39 @@ fn optional_callable(
     }
 }
 
-fn count(argument: &'static str, value: i64) -> Result<u32, Error> {
-    u32::try_from(value).map_err(|_| {
-        Error::invalid(
-            argument,
-            format!(
-                "{argument} must be a whole number from 0 to {} (got {value}).",
-                u32::MAX
-            ),
-        )
-    })
+mod extract {
+    crate::args::extractors! {
+        name: text "name",
+        failure_threshold: optional_count1 "failure_threshold",
+        failure_rate_threshold: optional_number "failure_rate_threshold",
+        slow_call_rate_threshold: optional_number "slow_call_rate_threshold",
+        slow_call_duration: number "slow_call_duration",
+        window_type: text "window_type",
+        window_size: count1 "window_size",
+        minimum_calls: count1 "minimum_calls",
+        reset_timeout: number "reset_timeout",
+        backoff_multiplier: number "backoff_multiplier",
+        max_reset_timeout: optional_number "max_reset_timeout",
+        jitter: number "jitter",
+        half_open_max_calls: count1 "half_open_max_calls",
+        success_threshold: count1 "success_threshold",
+    }
+}
+
+/// Without an explicit cap the wait may grow tenfold under backoff, and always leaves room for
+/// jitter to lengthen the wait as well as shorten it.
+fn default_max_reset_timeout(reset_timeout_nanos: u64, multiplier: f64, jitter: f64) -> u64 {
+    let growth = if multiplier > 1.0 { 10.0 } else { 1.0 };
+    let jitter = if jitter.is_finite() {
+        jitter.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let cap = reset_timeout_nanos as f64 * growth * (1.0 + jitter);
+    (cap as u64).clamp(
+        reset_timeout_nanos,
+        crate::breaker::MAX_OPEN_WAIT_NANOS.max(reset_timeout_nanos),
+    )
 }
 
 /// A refused admission: nanoseconds until a retry, `None` while forced open.
@@ -299,13 +322,13 @@ impl CircuitBreaker {
 impl CircuitBreaker {
     #[new]
     #[pyo3(signature = (
-        name = "default",
+        name = "default".to_owned(),
         *,
         failure_threshold = 5,
         failure_rate_threshold = None,
         slow_call_rate_threshold = None,
         slow_call_duration = 60.0,
-        window_type = "count",
+        window_type = "count".to_owned(),
         window_size = 100,
         minimum_calls = 10,
         reset_timeout = 30.0,
@@ -320,30 +343,39 @@ impl CircuitBreaker {
         fallback = None,
         clock = None,
     ))]
+    #[pyo3(
+        text_signature = "(name='default', *, failure_threshold=5, failure_rate_threshold=None, \
+        slow_call_rate_threshold=None, slow_call_duration=60.0, window_type='count', window_size=100, \
+        minimum_calls=10, reset_timeout=30.0, backoff_multiplier=1.0, max_reset_timeout=None, \
+        jitter=0.0, half_open_max_calls=1, success_threshold=1, record_exceptions=None, \
+        ignore_exceptions=None, result_is_failure=None, fallback=None, clock=None)"
+    )]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
-        name: &str,
-        failure_threshold: Option<i64>,
-        failure_rate_threshold: Option<f64>,
-        slow_call_rate_threshold: Option<f64>,
-        slow_call_duration: f64,
-        window_type: &str,
-        window_size: i64,
-        minimum_calls: i64,
-        reset_timeout: f64,
-        backoff_multiplier: f64,
-        max_reset_timeout: Option<f64>,
-        jitter: f64,
-        half_open_max_calls: i64,
-        success_threshold: i64,
+        #[pyo3(from_py_with = extract::name)] name: String,
+        #[pyo3(from_py_with = extract::failure_threshold)] failure_threshold: Option<u32>,
+        #[pyo3(from_py_with = extract::failure_rate_threshold)] failure_rate_threshold: Option<f64>,
+        #[pyo3(from_py_with = extract::slow_call_rate_threshold)] slow_call_rate_threshold: Option<
+            f64,
+        >,
+        #[pyo3(from_py_with = extract::slow_call_duration)] slow_call_duration: f64,
+        #[pyo3(from_py_with = extract::window_type)] window_type: String,
+        #[pyo3(from_py_with = extract::window_size)] window_size: u32,
+        #[pyo3(from_py_with = extract::minimum_calls)] minimum_calls: u32,
+        #[pyo3(from_py_with = extract::reset_timeout)] reset_timeout: f64,
+        #[pyo3(from_py_with = extract::backoff_multiplier)] backoff_multiplier: f64,
+        #[pyo3(from_py_with = extract::max_reset_timeout)] max_reset_timeout: Option<f64>,
+        #[pyo3(from_py_with = extract::jitter)] jitter: f64,
+        #[pyo3(from_py_with = extract::half_open_max_calls)] half_open_max_calls: u32,
+        #[pyo3(from_py_with = extract::success_threshold)] success_threshold: u32,
         record_exceptions: Option<Bound<'_, PyAny>>,
         ignore_exceptions: Option<Bound<'_, PyAny>>,
         result_is_failure: Option<Bound<'_, PyAny>>,
         fallback: Option<Bound<'_, PyAny>>,
         clock: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
-        let window_kind = match window_type {
+        let window_kind = match window_type.as_str() {
             "count" => WindowKind::Count,
             "time" => WindowKind::Time,
             other => {
@@ -356,26 +388,22 @@ impl CircuitBreaker {
         };
         let reset_timeout_nanos = parse_seconds("reset_timeout", reset_timeout)?;
         let config = BreakerConfig {
-            failure_threshold: failure_threshold
-                .map(|threshold| count("failure_threshold", threshold))
-                .transpose()?,
+            failure_threshold,
             failure_rate_threshold,
             slow_call_rate_threshold,
             slow_call_duration_nanos: parse_seconds("slow_call_duration", slow_call_duration)?,
             window_kind,
-            window_size: count("window_size", window_size)?,
-            minimum_calls: count("minimum_calls", minimum_calls)?,
+            window_size,
+            minimum_calls,
             reset_timeout_nanos,
             backoff_multiplier,
             max_reset_timeout_nanos: match max_reset_timeout {
                 Some(seconds) => parse_seconds("max_reset_timeout", seconds)?,
-                None if backoff_multiplier > 1.0 => (reset_timeout_nanos.saturating_mul(10))
-                    .min(crate::breaker::MAX_OPEN_WAIT_NANOS),
-                None => reset_timeout_nanos,
+                None => default_max_reset_timeout(reset_timeout_nanos, backoff_multiplier, jitter),
             },
             jitter,
-            half_open_max_calls: count("half_open_max_calls", half_open_max_calls)?,
-            success_threshold: count("success_threshold", success_threshold)?,
+            half_open_max_calls,
+            success_threshold,
         };
         let (clock, core_clock) = match clock {
             None => (None, Clock::monotonic()),
@@ -408,7 +436,7 @@ impl CircuitBreaker {
         let core = Breaker::new(config, core_clock)?;
         Ok(CircuitBreaker {
             core,
-            name: PyString::new(py, name).unbind(),
+            name: PyString::new(py, &name).unbind(),
             clock,
             record_exceptions: record_exceptions.unbind(),
             ignore_exceptions: ignore_exceptions.unbind(),
@@ -598,8 +626,14 @@ impl CircuitBreaker {
     }
 
     /// A snapshot of the state, the window's rates and the lifetime counts.
-    fn metrics(&self, py: Python<'_>) -> PyResult<BreakerMetrics> {
-        BreakerMetrics::from_core(py, self.core.metrics())
+    fn metrics(slf: &Bound<'_, Self>) -> PyResult<BreakerMetrics> {
+        let this = slf.get();
+        // Like `state`, a snapshot first moves an expired open breaker to half-open.
+        let (_, transitions) = this.core.state();
+        if !transitions.is_empty() {
+            this.notify(slf, transitions);
+        }
+        BreakerMetrics::from_core(slf.py(), this.core.metrics())
     }
 
     fn __repr__(&self) -> String {
@@ -684,6 +718,16 @@ impl CircuitPermit {
     /// Records `error` as the breaker classifies it (recorded, ignored or other exception).
     fn record_exception(&self, error: &Bound<'_, PyAny>) -> PyResult<()> {
         let py = error.py();
+        if !error.is_instance_of::<PyBaseException>() {
+            return Err(Error::wrong_type(
+                "error",
+                format!(
+                    "error must be an exception instance (got {}).",
+                    error.repr()?
+                ),
+            )
+            .into());
+        }
         let outcome = self.breaker.get().classify(py, error);
         self.settle(py, outcome)
     }
@@ -829,19 +873,29 @@ pub struct BreakerMetrics {
     failure_rate: Option<f64>,
     /// Slow calls / calls in the window, or None before `minimum_calls` calls were seen.
     slow_call_rate: Option<f64>,
-    /// Calls in the current window (closed state only).
+    /// Calls in the current window (0 unless closed).
     window_calls: u32,
+    /// Failed calls in the current window (0 unless closed).
     window_failures: u32,
+    /// Slow calls in the current window (0 unless closed).
     window_slow_calls: u32,
     /// Calls whose outcome counted (successes + failures) since creation.
     calls: u64,
+    /// Calls recorded as successes since creation.
     successes: u64,
+    /// Calls recorded as failures since creation.
     failures: u64,
+    /// Calls slower than `slow_call_duration` since creation (tracked when a slow-call rate is set).
     slow_calls: u64,
+    /// Calls released without counting (ignored exceptions, cancellations) since creation.
     ignored: u64,
+    /// Calls refused since creation.
     rejected: u64,
+    /// State transitions since creation.
     transitions: u64,
+    /// Failures in a row in the current closed period.
     consecutive_failures: u32,
+    /// Trips in a row without closing in between (drives the backoff).
     consecutive_trips: u32,
 }
 

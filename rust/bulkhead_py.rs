@@ -21,6 +21,16 @@ fn optional_seconds(
         .transpose()
 }
 
+mod extract {
+    crate::args::extractors! {
+        name: text "name",
+        max_concurrent: count1 "max_concurrent",
+        max_waiting: count0 "max_waiting",
+        max_wait: optional_number "max_wait",
+        timeout: optional_number "timeout",
+    }
+}
+
 /// A partition that admits at most `max_concurrent` calls at once.
 ///
 /// Callers past the limit wait in FIFO order, at most `max_waiting` of them and for at most
@@ -53,25 +63,16 @@ impl Bulkhead {
 #[pymethods]
 impl Bulkhead {
     #[new]
-    #[pyo3(signature = (name = "default", *, max_concurrent = 25, max_waiting = 100, max_wait = 0.0))]
+    #[pyo3(signature = (name = "default".to_owned(), *, max_concurrent = 25, max_waiting = 100, max_wait = 0.0))]
+    #[pyo3(
+        text_signature = "(name='default', *, max_concurrent=25, max_waiting=100, max_wait=0.0)"
+    )]
     fn new(
-        name: &str,
-        max_concurrent: i64,
-        max_waiting: i64,
-        max_wait: Option<f64>,
+        #[pyo3(from_py_with = extract::name)] name: String,
+        #[pyo3(from_py_with = extract::max_concurrent)] max_concurrent: u32,
+        #[pyo3(from_py_with = extract::max_waiting)] max_waiting: u32,
+        #[pyo3(from_py_with = extract::max_wait)] max_wait: Option<f64>,
     ) -> PyResult<Self> {
-        let max_concurrent = u32::try_from(max_concurrent).ok().filter(|n| *n > 0).ok_or_else(|| {
-            Error::invalid(
-                "max_concurrent",
-                format!("max_concurrent must be a whole number of at least 1 (got {max_concurrent})."),
-            )
-        })?;
-        let max_waiting = u32::try_from(max_waiting).map_err(|_| {
-            Error::invalid(
-                "max_waiting",
-                format!("max_waiting must be a whole number of at least 0 (got {max_waiting})."),
-            )
-        })?;
         let config = BulkheadConfig {
             max_concurrent,
             max_waiting,
@@ -82,16 +83,19 @@ impl Bulkhead {
         })
     }
 
+    /// The partition's name, carried by `BulkheadFullError`.
     #[getter]
     fn name(&self) -> &str {
         self.core.name()
     }
 
+    /// How many calls may hold a permit at once.
     #[getter]
     fn max_concurrent(&self) -> u32 {
         self.core.config().max_concurrent
     }
 
+    /// How many callers may wait for a permit at once.
     #[getter]
     fn max_waiting(&self) -> u32 {
         self.core.config().max_waiting
@@ -112,7 +116,11 @@ impl Bulkhead {
     ///
     /// Raises `BulkheadFullError` when no permit came in time or the wait queue is full.
     #[pyo3(signature = (timeout = None))]
-    fn acquire(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+    fn acquire(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = extract::timeout)] timeout: Option<f64>,
+    ) -> PyResult<()> {
         let timeout = optional_seconds("timeout", timeout)?;
         self.acquire_blocking(py, timeout)
     }
@@ -161,7 +169,11 @@ impl Bulkhead {
     /// For the asyncio twin: takes a permit now (returns None) or queues a waiter that calls
     /// `wake()` once the permit is handed over. Raises `BulkheadFullError` when it may not wait.
     #[pyo3(signature = (wake, timeout = None))]
-    fn _enqueue(&self, wake: Py<PyAny>, timeout: Option<f64>) -> PyResult<Option<BulkheadWaiter>> {
+    fn _enqueue(
+        &self,
+        wake: Py<PyAny>,
+        #[pyo3(from_py_with = extract::timeout)] timeout: Option<f64>,
+    ) -> PyResult<Option<BulkheadWaiter>> {
         let timeout = optional_seconds("timeout", timeout)?.or(self.core.config().max_wait);
         if timeout == Some(Duration::ZERO) {
             self.core.acquire(Some(Duration::ZERO))?;

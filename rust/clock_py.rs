@@ -5,6 +5,13 @@ use crate::errors::Error;
 use pyo3::prelude::*;
 use std::sync::Arc;
 
+mod extract {
+    crate::args::extractors! {
+        start: number "start",
+        seconds: number "seconds",
+    }
+}
+
 /// A clock that moves only when told to: pass it as `clock=` so tests never sleep.
 ///
 /// >>> clock = ManualClock()
@@ -20,7 +27,9 @@ pub(crate) fn parse_seconds(argument: &'static str, seconds: f64) -> Result<u64,
     seconds_to_nanos(seconds).ok_or_else(|| {
         Error::invalid(
             argument,
-            format!("{argument} must be a finite number of seconds of at least 0 (got {seconds})."),
+            format!(
+                "{argument} must be a number of seconds from 0 up to about 584 years (got {seconds})."
+            ),
         )
     })
 }
@@ -29,7 +38,7 @@ pub(crate) fn parse_seconds(argument: &'static str, seconds: f64) -> Result<u64,
 impl ManualClock {
     #[new]
     #[pyo3(signature = (start = 0.0))]
-    fn new(start: f64) -> PyResult<Self> {
+    fn new(#[pyo3(from_py_with = extract::start)] start: f64) -> PyResult<Self> {
         let start = parse_seconds("start", start)?;
         Ok(ManualClock {
             time: Arc::new(ManualTime::new(start)),
@@ -42,13 +51,13 @@ impl ManualClock {
     }
 
     /// Moves the clock forward by `seconds`.
-    fn advance(&self, seconds: f64) -> PyResult<()> {
+    fn advance(&self, #[pyo3(from_py_with = extract::seconds)] seconds: f64) -> PyResult<()> {
         self.time.advance(parse_seconds("seconds", seconds)?);
         Ok(())
     }
 
     /// Moves the clock to `seconds`; a monotonic clock never goes back, so an earlier time fails.
-    fn set(&self, seconds: f64) -> PyResult<()> {
+    fn set(&self, #[pyo3(from_py_with = extract::seconds)] seconds: f64) -> PyResult<()> {
         let nanos = parse_seconds("seconds", seconds)?;
         self.time.set(nanos).map_err(|current| {
             Error::invalid(

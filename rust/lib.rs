@@ -4,6 +4,7 @@
 //! each `*_py` module is the thin PyO3 binding for one core; `errors` maps the crate's one error
 //! type to Python exceptions.
 
+mod args;
 pub mod breaker;
 mod breaker_py;
 pub mod bulkhead;

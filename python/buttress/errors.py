@@ -16,8 +16,13 @@ class ButtressError(Exception):
 class CircuitOpenError(ButtressError):
     """A circuit breaker refused the call.
 
-    ``name`` is the breaker's name; ``retry_after`` the seconds until it admits a trial call
-    (``0.0`` while half-open trial slots are taken, ``None`` while it is forced open).
+    Raised as ``CircuitOpenError(name, retry_after)``: ``name`` is the breaker's name,
+    ``retry_after`` the seconds until it admits a trial call (``0.0`` when it is half-open and
+    every trial slot is taken, ``None`` while it is forced open).
+
+    >>> error = CircuitOpenError("payments", 2.5)
+    >>> str(error)
+    "Circuit breaker 'payments' is open; retry in 2.500 seconds."
     """
 
     # Built as ``CircuitOpenError(name, retry_after)``. No ``__init__`` of its own: the
@@ -25,10 +30,12 @@ class CircuitOpenError(ButtressError):
 
     @property
     def name(self) -> str:
+        """The name of the breaker that refused the call."""
         return str(self.args[0])
 
     @property
     def retry_after(self) -> float | None:
+        """Seconds until the breaker admits a trial call; None while it is forced open."""
         value = self.args[1]
         return None if value is None else float(value)
 
@@ -38,28 +45,37 @@ class CircuitOpenError(ButtressError):
                 f"Circuit breaker '{self.name}' is forced open; "
                 "it admits no call until it is reset."
             )
+        if self.retry_after == 0.0:
+            return (
+                f"Circuit breaker '{self.name}' is half-open and every trial call slot is "
+                "taken; retry once a trial call has finished."
+            )
         return f"Circuit breaker '{self.name}' is open; retry in {self.retry_after:.3f} seconds."
 
 
 class BulkheadFullError(ButtressError):
     """A bulkhead had no permit to give within its limits.
 
-    ``reason`` is ``"full"`` when every permit was taken and the caller could not wait, or
-    ``"timeout"`` when it waited the longest it was allowed.
+    Raised as ``BulkheadFullError(name, max_concurrent, reason)``: ``reason`` is ``"full"`` when
+    every permit was taken and the caller could not wait, or ``"timeout"`` when it waited the
+    longest it was allowed.
     """
 
     # Built as ``BulkheadFullError(name, max_concurrent, reason)``, arguments kept in ``args``.
 
     @property
     def name(self) -> str:
+        """The name of the bulkhead that had no permit."""
         return str(self.args[0])
 
     @property
     def max_concurrent(self) -> int:
+        """How many calls the bulkhead admits at once."""
         return int(self.args[1])
 
     @property
     def reason(self) -> str:
+        """``"full"`` (could not wait) or ``"timeout"`` (waited the longest allowed)."""
         return str(self.args[2])
 
     def __str__(self) -> str:

@@ -8,6 +8,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 
+def _is_async(func: Callable[..., Any]) -> bool:
+    """A coroutine function, or a callable object whose ``__call__`` is one."""
+    return inspect.iscoroutinefunction(func) or (
+        not inspect.isfunction(func)
+        and inspect.iscoroutinefunction(inspect.getattr_static(type(func), "__call__", None))
+    )
+
+
 def decorate(
     func: Callable[..., Any],
     *,
@@ -22,7 +30,7 @@ def decorate(
     """
     if not callable(func):
         raise TypeError(f"func must be callable (got {func!r}).")
-    if inspect.iscoroutinefunction(func):
+    if _is_async(func):
 
         @functools.wraps(func)
         async def guarded(*args: Any, **kwargs: Any) -> Any:

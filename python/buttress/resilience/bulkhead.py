@@ -28,6 +28,15 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+class _WaitExpired(Exception):
+    """The longest wait allowed passed (internal; surfaces as BulkheadFullError)."""
+
+
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(_WaitExpired())
+
+
 class Bulkhead(_core.Bulkhead):
     """Admits at most ``max_concurrent`` calls at once, so one slow dependency cannot take
     every worker.
@@ -66,19 +75,19 @@ class Bulkhead(_core.Bulkhead):
         """Takes a permit without blocking the event loop, waiting up to ``timeout`` seconds
         (default: ``max_wait``). Raises ``BulkheadFullError`` when none came in time."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
+        granted: asyncio.Future[None] = loop.create_future()
         waiter = self._enqueue(
-            functools.partial(loop.call_soon_threadsafe, _resolve, future), timeout
+            functools.partial(loop.call_soon_threadsafe, _resolve, granted), timeout
         )
         if waiter is None:
             return
         wait = timeout if timeout is not None else self.max_wait
+        # An own timer rather than asyncio.wait_for: before Python 3.12, wait_for can swallow a
+        # cancellation that arrives just as the future completes.
+        timer = None if wait is None else loop.call_later(wait, _expire, granted)
         try:
-            if wait is None:
-                await future
-            else:
-                await asyncio.wait_for(future, wait)
-        except asyncio.TimeoutError:
+            await granted
+        except _WaitExpired:
             if self._abandon(waiter, True):
                 return  # handed over just as the wait ran out
             raise BulkheadFullError(self.name, self.max_concurrent, "timeout") from None
@@ -86,6 +95,9 @@ class Bulkhead(_core.Bulkhead):
             if self._abandon(waiter, False):
                 self.release()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def call_async(
         self, func: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
@@ -110,6 +122,13 @@ class Bulkhead(_core.Bulkhead):
     ) -> bool:
         self.release()
         return False
+
+
+def _same(have: object, asked: object) -> bool:
+    # The bulkhead keeps seconds as whole nanoseconds, so compare floats to that precision.
+    if isinstance(have, float) and isinstance(asked, (int, float)):
+        return abs(have - asked) < 1e-9 * max(1.0, abs(asked))
+    return have == asked
 
 
 class _Unset(enum.Enum):
@@ -177,7 +196,9 @@ class BulkheadRegistry:
                     bulkhead = Bulkhead(name, **{**self._defaults, **asked})
                     self._bulkheads[name] = bulkhead
                     return bulkhead
-        clashes = {key: value for key, value in asked.items() if getattr(bulkhead, key) != value}
+        clashes = {
+            key: value for key, value in asked.items() if not _same(getattr(bulkhead, key), value)
+        }
         if clashes:
             raise ValueError(
                 f"Bulkhead '{name}' already exists with other limits than {clashes}; "
