@@ -296,6 +296,16 @@ impl Bucket {
     }
 }
 
+/// How a new record meets the bucket already in its slot (same generation).
+enum Merge {
+    /// Same second of a time window: add to it.
+    Add,
+    /// An expired bucket, or a count-window slot: take its place.
+    Replace,
+    /// The slot already moved past this record's time: leave it.
+    Drop,
+}
+
 /// Window totals: generation (32) | calls (32) | failures (32) | slow (32). Fields change with
 /// wrapping arithmetic because a concurrent replacement may subtract a bucket's counts before
 /// the thread that filled it has added them; the sum settles once both have run.
@@ -474,6 +484,7 @@ pub struct Breaker {
     consecutive_trips: AtomicU32,
     window_cursor: AtomicU64,
     window_swept: AtomicU64,
+    open_deadline_ms: AtomicU64,
     totals: AtomicU128,
     buckets: Box<[AtomicU128]>,
     jitter_seed: AtomicU64,
@@ -506,6 +517,7 @@ impl Breaker {
             consecutive_trips: AtomicU32::new(0),
             window_cursor: AtomicU64::new(0),
             window_swept: AtomicU64::new(pack_pair(0, 0)),
+            open_deadline_ms: AtomicU64::new(0),
             totals: AtomicU128::new(0),
             buckets: (0..bucket_count).map(|_| AtomicU128::new(0)).collect(),
             jitter_seed: AtomicU64::new(seed),
@@ -535,7 +547,7 @@ impl Breaker {
             let state = State::from_bits(word);
             if state == State::Open {
                 let now = self.clock.now_nanos();
-                if deadline_passed(word, now) {
+                if self.deadline_passed(word, now) {
                     if let Some(transition) = self.try_transition(word, State::HalfOpen, now) {
                         transitions.push(transition);
                     }
@@ -595,13 +607,13 @@ impl Breaker {
                 }
                 State::Open => {
                     let now = self.clock.now_nanos();
-                    if deadline_passed(word, now) {
+                    if self.deadline_passed(word, now) {
                         if let Some(transition) = self.try_transition(word, State::HalfOpen, now) {
                             transitions.push(transition);
                         }
                     } else {
                         self.rejected.fetch_add(1, Ordering::Relaxed);
-                        let deadline_nanos = deadline_in_nanos(word, now);
+                        let deadline_nanos = self.deadline_in_nanos(word, now);
                         let rejected = Admission::Rejected {
                             retry_after_nanos: Some(deadline_nanos.saturating_sub(now)),
                         };
@@ -778,7 +790,7 @@ impl Breaker {
                     tag: 0,
                     counts: outcome,
                 };
-                self.put_bucket(index, mine, |_| false)
+                self.put_bucket(index, mine, |_| Merge::Replace)
             }
             WindowKind::Time => {
                 let second = (self.clock.now_nanos() / NANOS_PER_SECOND) as u32;
@@ -789,10 +801,19 @@ impl Breaker {
                     tag: second,
                     counts: outcome,
                 };
-                // A bucket of this generation whose second is this one (or, for a thread that
-                // read the clock a moment before another, a later one) accumulates.
                 let changed = self.put_bucket(index, mine, |existing| {
-                    existing.tag.wrapping_sub(second) < (1 << 31)
+                    let ahead = existing.tag.wrapping_sub(second);
+                    if existing.counts == Counts::default() {
+                        Merge::Replace
+                    } else if ahead == 0 {
+                        Merge::Add
+                    } else if ahead < (1 << 31) {
+                        // The bucket already holds a later second: this reading is so old its
+                        // call has left the window.
+                        Merge::Drop
+                    } else {
+                        Merge::Replace
+                    }
                 });
                 changed.or(swept)
             }
@@ -832,7 +853,7 @@ impl Breaker {
         &self,
         index: usize,
         mine: Bucket,
-        accumulates: impl Fn(&Bucket) -> bool,
+        merge: impl Fn(&Bucket) -> Merge,
     ) -> Option<Counts> {
         let slot = &self.buckets[index];
         let mut current = slot.load(Ordering::Acquire);
@@ -843,17 +864,21 @@ impl Breaker {
             {
                 return None;
             }
-            let same_generation = existing.generation == mine.generation;
-            let (next, added, removed) = if same_generation && accumulates(&existing) {
-                let next = Bucket {
-                    counts: existing.counts.saturating_add(mine.counts),
-                    ..existing
-                };
-                (next, mine.counts, Counts::default())
-            } else if same_generation {
-                (mine, mine.counts, existing.counts)
-            } else {
+            let (next, added, removed) = if existing.generation != mine.generation {
+                // A bucket of an earlier period reads as empty.
                 (mine, mine.counts, Counts::default())
+            } else {
+                match merge(&existing) {
+                    Merge::Add => {
+                        let next = Bucket {
+                            counts: existing.counts.saturating_add(mine.counts),
+                            ..existing
+                        };
+                        (next, mine.counts, Counts::default())
+                    }
+                    Merge::Replace => (mine, mine.counts, existing.counts),
+                    Merge::Drop => return None,
+                }
             };
             if next == existing {
                 // The slot already says exactly this (a success replacing a success).
@@ -905,8 +930,10 @@ impl Breaker {
     fn sweep_expired(&self, generation: u32, second: u32) -> Option<Counts> {
         let swept = self.window_swept.load(Ordering::Acquire);
         let (swept_generation, swept_second) = unpack_pair(swept);
+        // Any other second is due: a reading that lags another thread's only clears what has
+        // expired for both, so no wrap-around comparison is needed.
         let due = if swept_generation == generation {
-            second.wrapping_sub(swept_second).wrapping_sub(1) < (1 << 31)
+            second != swept_second
         } else {
             generation_after(generation, swept_generation)
         };
@@ -1006,15 +1033,18 @@ impl Breaker {
                 let trips = trips.saturating_add(1);
                 let wait = self.open_wait_nanos(trips);
                 let deadline = (now_nanos + wait).div_ceil(NANOS_PER_MS);
-                (deadline as u32, trips)
+                (deadline, trips)
             }
             State::Closed => (0, 0),
             _ => (0, trips),
         };
-        let next = pack_state(target, generation, deadline_ms);
+        let next = pack_state(target, generation, deadline_ms as u32);
         self.state
             .compare_exchange(word, next, Ordering::AcqRel, Ordering::Acquire)
             .ok()?;
+        if target == State::Open {
+            self.open_deadline_ms.store(deadline_ms, Ordering::Release);
+        }
         self.consecutive_trips.store(next_trips, Ordering::Release);
         self.transitions.fetch_add(1, Ordering::Relaxed);
         Some(Transition { from, to: target })
@@ -1083,6 +1113,35 @@ impl Breaker {
         }
     }
 
+    /// The open deadline in clock milliseconds. The state word keeps only its low 32 bits (so
+    /// state, generation and deadline change in one atomic step); the full value is written to
+    /// `open_deadline_ms` right after the transition. Until that store lands, the low bits are
+    /// completed from `now`, which is then within moments of the trip.
+    fn deadline_ms(&self, word: u64, now_nanos: u64) -> u64 {
+        let low = state_deadline_ms(word);
+        let full = self.open_deadline_ms.load(Ordering::Acquire);
+        if full as u32 == low {
+            return full;
+        }
+        let now_ms = now_nanos / NANOS_PER_MS;
+        let ahead = low.wrapping_sub(now_ms as u32);
+        if ahead < (1 << 31) {
+            now_ms + ahead as u64
+        } else {
+            now_ms.saturating_sub((now_ms as u32).wrapping_sub(low) as u64)
+        }
+    }
+
+    #[inline]
+    fn deadline_passed(&self, word: u64, now_nanos: u64) -> bool {
+        now_nanos / NANOS_PER_MS >= self.deadline_ms(word, now_nanos)
+    }
+
+    /// The deadline in clock nanoseconds.
+    fn deadline_in_nanos(&self, word: u64, now_nanos: u64) -> u64 {
+        self.deadline_ms(word, now_nanos) * NANOS_PER_MS
+    }
+
     /// Seconds until an open breaker admits a trial call (0 when it admits now, `None` when forced open).
     pub fn retry_after_nanos(&self) -> Option<u64> {
         let word = self.state.load(Ordering::Acquire);
@@ -1090,7 +1149,7 @@ impl Breaker {
             State::ForcedOpen => None,
             State::Open => {
                 let now = self.clock.now_nanos();
-                Some(deadline_in_nanos(word, now).saturating_sub(now))
+                Some(self.deadline_in_nanos(word, now).saturating_sub(now))
             }
             _ => Some(0),
         }
@@ -1146,22 +1205,6 @@ impl Breaker {
             consecutive_trips: self.consecutive_trips.load(Ordering::Relaxed),
         }
     }
-}
-
-#[inline]
-fn deadline_passed(word: u64, now_nanos: u64) -> bool {
-    let now_ms = (now_nanos / NANOS_PER_MS) as u32;
-    now_ms.wrapping_sub(state_deadline_ms(word)) < (1 << 31)
-}
-
-/// The deadline in clock nanoseconds, rebuilt from its 32 wrapping milliseconds near `now`.
-fn deadline_in_nanos(word: u64, now_nanos: u64) -> u64 {
-    let now_ms = now_nanos / NANOS_PER_MS;
-    let ahead = state_deadline_ms(word).wrapping_sub(now_ms as u32);
-    if ahead >= (1 << 31) {
-        return now_nanos;
-    }
-    (now_ms + ahead as u64) * NANOS_PER_MS
 }
 
 #[cfg(test)]
@@ -1344,6 +1387,47 @@ mod tests {
         breaker.record(stale, Outcome::Success);
         run(&breaker, Outcome::Success);
         assert_eq!(breaker.metrics().window.calls, 1);
+        assert_eq!(breaker.state().0, State::Closed);
+    }
+
+    #[test]
+    fn an_open_breaker_left_alone_for_weeks_still_expires() {
+        let (breaker, time) = manual(BreakerConfig {
+            failure_threshold: Some(1),
+            reset_timeout_nanos: SECOND,
+            ..BreakerConfig::default()
+        });
+        run(&breaker, Outcome::Failure);
+        time.advance(60 * 86_400 * SECOND);
+        assert_eq!(breaker.retry_after_nanos(), Some(0));
+        assert!(matches!(
+            breaker.try_acquire().0,
+            Admission::Permitted(Permit {
+                state: State::HalfOpen,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn time_window_works_at_clock_readings_past_two_to_the_31_seconds() {
+        let time = Arc::new(ManualTime::new(((1u64 << 31) + 5) * SECOND));
+        let breaker = Breaker::new(
+            BreakerConfig {
+                failure_threshold: None,
+                failure_rate_threshold: Some(0.5),
+                window_kind: WindowKind::Time,
+                window_size: 1,
+                minimum_calls: 2,
+                ..BreakerConfig::default()
+            },
+            Clock::Manual(time.clone()),
+        )
+        .unwrap();
+        run(&breaker, Outcome::Failure);
+        assert_eq!(breaker.metrics().window.calls, 1);
+        time.advance(10 * SECOND);
+        run(&breaker, Outcome::Success);
         assert_eq!(breaker.state().0, State::Closed);
     }
 

@@ -192,27 +192,28 @@ impl CircuitBreaker {
         )
     }
 
-    /// How an exception counts: ignored types and non-`Exception` interrupts (cancellation,
-    /// `KeyboardInterrupt`) are ignored; recorded types are failures; any other `Exception`
-    /// counts as a success, as in resilience4j.
+    /// How an exception counts: ignored types, and interrupts that are not `Exception`s
+    /// (cancellation, `KeyboardInterrupt`, even when listed in `record_exceptions`), are
+    /// ignored; recorded types are failures; any other `Exception` counts as a success, as in
+    /// resilience4j.
     fn classify(&self, py: Python<'_>, error: &Bound<'_, PyAny>) -> Outcome {
         let ignore = self.ignore_exceptions.bind(py);
         if !ignore.is_empty() && error.is_instance(ignore.as_any()).unwrap_or(false) {
+            return Outcome::Ignored;
+        }
+        if !error
+            .is_instance(&py.get_type::<pyo3::exceptions::PyException>())
+            .unwrap_or(false)
+        {
             return Outcome::Ignored;
         }
         if error
             .is_instance(self.record_exceptions.bind(py).as_any())
             .unwrap_or(false)
         {
-            return Outcome::Failure;
-        }
-        if error
-            .is_instance(&py.get_type::<pyo3::exceptions::PyException>())
-            .unwrap_or(false)
-        {
-            Outcome::Success
+            Outcome::Failure
         } else {
-            Outcome::Ignored
+            Outcome::Success
         }
     }
 

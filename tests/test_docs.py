@@ -6,12 +6,11 @@ import doctest
 import pathlib
 import re
 
-import pytest
-
 import buttress
 import buttress.errors
 import buttress.resilience.breaker
 import buttress.resilience.bulkhead
+import pytest
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
