@@ -1,0 +1,94 @@
+"""What every benchmark case shares: the timing recipe, the case and result records.
+
+Every case times one body, ``run()``, a Python function whose only work is the call under test,
+so the loop and the call of ``run`` itself cost the same in every case. A group's ``bare call``
+case is ``run()`` calling the function directly; a case's overhead is its median minus that one.
+After timing, each case checks that what it timed behaved (the breaker stayed closed or open, no
+permit leaked), and the report shows that check beside the time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+# 2,000 rounds of 1,000 calls per case: the whole run takes about a minute and a half.
+ROUNDS = 2000
+ITERATIONS = 1000
+WARMUP_ROUNDS = 50
+
+BASELINE = "baseline"  # the bare call of a group
+BUTTRESS = "buttress"
+FLOOR = "floor"  # reference points that are neither buttress nor a peer (e.g. a no-op `with`)
+NOT_PEERS = (BASELINE, BUTTRESS, FLOOR)
+BARE_FORM = "bare call"
+
+# What a case's make() returns: the body to time, and a check to run after it that returns a
+# description of what it verified (and raises AssertionError if the case misbehaved).
+Made = tuple[Callable[[], Any], Callable[[], str]]
+Make = Callable[[], Made]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmarked form: ``make()`` builds fresh objects and returns ``(run, verify)``."""
+
+    lib: str
+    form: str
+    make: Make
+
+    @property
+    def id(self) -> str:
+        return f"{self.lib}: {self.form}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    group: str
+    lib: str
+    form: str
+    median: float | None  # seconds per call of run(); None when benchmarks are disabled
+    fastest: float | None  # the fastest round, per call: the least disturbed by other load
+    check: str
+
+    @property
+    def label(self) -> str:
+        return self.form if self.lib == BASELINE else f"{self.lib} {self.form}"
+
+
+class Bench:
+    """Times one case with the shared recipe, checks it, and keeps its median for the report."""
+
+    def __init__(self, fixture: Any, results: list[Result]) -> None:
+        self._fixture = fixture
+        self._results = results
+
+    def __call__(self, case: Case, *, expect: object) -> None:
+        run, verify = case.make()
+        # Under --benchmark-disable, pedantic() calls run() once: the smoke pass still runs
+        # every body and every check.
+        result = self._fixture.pedantic(
+            run, rounds=ROUNDS, iterations=ITERATIONS, warmup_rounds=WARMUP_ROUNDS
+        )
+        assert result == expect, f"{case.id} returned {result!r}, expected {expect!r}"
+        check = verify()
+        self._fixture.extra_info["check"] = check
+        stats = self._fixture.stats
+        median = None if stats is None else float(stats.stats.median)
+        fastest = None if stats is None else float(stats.stats.min)
+        group = self._fixture.group or "(no group)"
+        self._results.append(Result(group, case.lib, case.form, median, fastest, check))
+
+
+def registrar(cases: list[Case]) -> Callable[[str, str], Callable[[Make], Make]]:
+    """A decorator factory: ``@add(lib, form)`` on a ``make`` function appends its case."""
+
+    def add(lib: str, form: str) -> Callable[[Make], Make]:
+        def register(make: Make) -> Make:
+            cases.append(Case(lib, form, make))
+            return make
+
+        return register
+
+    return add

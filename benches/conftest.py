@@ -1,0 +1,250 @@
+"""Benchmarks of buttress beside its peers, and a report of the ratios after the run.
+
+Run with the release build (``pip install '.[bench]'`` into a venv of its own):
+
+    python -m pytest benches -p no:cacheprovider
+
+The shared timing recipe is in ``_harness.py``. Targets are printed as PASS/MISS for
+information only: nothing here fails the run on a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import buttress
+import pytest
+from _harness import BARE_FORM, BASELINE, BUTTRESS, ITERATIONS, NOT_PEERS, ROUNDS, Bench, Result
+
+_RESULTS = pytest.StashKey[list[Result]]()
+# A median this much above the fastest round means other load slowed most of the rounds.
+NOISY_SPREAD = 1.25
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_RESULTS] = []
+
+
+@pytest.fixture
+def bench(benchmark: Any, request: pytest.FixtureRequest) -> Bench:
+    return Bench(benchmark, request.config.stash[_RESULTS])
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """buttress's forms in `group` must each beat the cheapest of `peer_forms` by `factor`."""
+
+    text: str
+    group: str
+    buttress_forms: tuple[str, ...]
+    peer_lib: str
+    peer_forms: tuple[str, ...]
+    factor: float
+    metric: str  # "overhead" (over the group's bare call) or "time" (median as measured)
+
+
+TARGETS = (
+    Target(
+        "successful call: buttress overhead >= 20x lower than pybreaker's",
+        "breaker-success",
+        ("@breaker", "call()", "with"),
+        "pybreaker",
+        ("call()", "@decorator", "with calling()"),
+        20.0,
+        "overhead",
+    ),
+    Target(
+        "successful call: buttress overhead >= 3x lower than circuitbreaker's `with`",
+        "breaker-success",
+        ("@breaker", "call()", "with"),
+        "circuitbreaker",
+        ("with",),
+        3.0,
+        "overhead",
+    ),
+    Target(
+        "rejected call: buttress >= 5x cheaper than pybreaker's",
+        "breaker-rejected",
+        ("call() raising", "@breaker raising", "acquire() raising", "try_acquire() -> None"),
+        "pybreaker",
+        ("call() raising", "@decorator raising"),
+        5.0,
+        "time",
+    ),
+)
+
+
+def _ns(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e9:,.1f} ns"
+
+
+def _ratio(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == float("inf"):
+        return "inf"
+    return f"{value:,.1f}x"
+
+
+def _spread(result: Result) -> str:
+    """Median over the fastest round: near 1.0 on a quiet machine; well above it (flagged with
+    a `!`) when other load slowed most rounds, and that case's ratios are not to be trusted."""
+    if result.median is None or not result.fastest:
+        return "-"
+    return f"{result.median / result.fastest:.2f}{'!' if _is_noisy(result) else ' '}"
+
+
+def _is_noisy(result: Result) -> bool:
+    if result.median is None or not result.fastest:
+        return False
+    return result.median / result.fastest > NOISY_SPREAD
+
+
+def _overhead_ratio(peer: float, ours: float) -> float:
+    """Peer overhead ÷ buttress overhead; inf when buttress's is lost in the noise."""
+    return float("inf") if ours <= 0 else peer / ours
+
+
+def _describe_build() -> str:
+    path = Path(buttress.__file__).resolve().parent
+    line = f"buttress {buttress.__version__} imported from {path}"
+    if (path.parent.parent / "Cargo.toml").exists():
+        line += (
+            "\n  WARNING: this is the source tree (an editable `maturin develop` build, debug "
+            "unless built with --release): these numbers do not represent a release wheel."
+        )
+    return line
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    results = config.stash.get(_RESULTS, [])
+    if not results:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.write_sep("=", "buttress vs peers")
+    if all(result.median is None for result in results):
+        write(
+            f"Benchmarks were disabled (--benchmark-disable): each of the {len(results)} "
+            "bodies ran once and passed its check; no timings, so no ratios."
+        )
+        return
+    write(_describe_build())
+    cpus = os.cpu_count() or 0
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    write(
+        f"load average {load} on {cpus} CPUs; median of {ROUNDS:,} rounds x {ITERATIONS:,} "
+        "calls per case; overhead = median - the group's bare call; median/min flags (!) "
+        "cases slowed by other load"
+    )
+    noisy = [r.label for r in results if _is_noisy(r)]
+    if noisy:
+        write(
+            f"WARNING: other load slowed most rounds of {len(noisy)} case(s) (marked !): "
+            "ratios from their medians are unreliable; trust the fastest-round cross-check "
+            "or rerun on a quiet machine."
+        )
+    groups: dict[str, list[Result]] = {}
+    for result in results:
+        groups.setdefault(result.group, []).append(result)
+    for name, members in groups.items():
+        _write_group(write, name, members)
+    _write_targets(write, groups)
+
+
+def _bare(members: list[Result]) -> float | None:
+    return next((r.median for r in members if r.lib == BASELINE), None)
+
+
+def _write_group(write: Callable[[str], None], name: str, members: list[Result]) -> None:
+    bare = _bare(members)
+    write("")
+    write(f"[{name}]")
+    width = max(len(r.label) for r in members) + 2
+    header = f"  {'case':<{width}}{'median':>12}"
+    header += f"{'overhead':>12}" if bare is not None else ""
+    write(f"{header}{'median/min':>12}  check")
+    for r in members:
+        line = f"  {r.label:<{width}}{_ns(r.median):>12}"
+        if bare is not None:
+            over = None if r.lib == BASELINE or r.median is None else r.median - bare
+            line += f"{_ns(over):>12}"
+        write(f"{line}{_spread(r):>12}  {r.check}")
+    ours = [r for r in members if r.lib == BUTTRESS and r.median is not None]
+    peers = [r for r in members if r.lib not in NOT_PEERS and r.median is not None]
+    if not ours or not peers:
+        return
+    write("")
+    if bare is None:
+        write("  peer median / buttress median (how many times faster buttress is)")
+    else:
+        write(
+            "  peer median / buttress median  [peer overhead / buttress overhead]  "
+            "(how many times faster buttress is)"
+        )
+    col = max(24, *(len(r.form) + 2 for r in ours))
+    peer_width = max(len(r.label) for r in peers) + 2
+    write("  " + " " * peer_width + "".join(f"{r.form:>{col}}" for r in ours))
+    for peer in peers:
+        cells = []
+        for mine in ours:
+            assert peer.median is not None
+            assert mine.median is not None
+            cell = _ratio(peer.median / mine.median)
+            if bare is not None:
+                cell += f" [{_ratio(_overhead_ratio(peer.median - bare, mine.median - bare))}]"
+            cells.append(f"{cell:>{col}}")
+        write(f"  {peer.label:<{peer_width}}" + "".join(cells))
+
+
+def _target_ratio(
+    target: Target, members: list[Result], form: str, attr: str
+) -> tuple[str, str] | None:
+    """PASS or MISS, and how many times buttress's `form` beats the cheapest peer form, judged by
+    `attr` ("median" or "fastest"); None when a case it needs was not measured."""
+    timed = {(r.lib, r.form): getattr(r, attr) for r in members if getattr(r, attr) is not None}
+    bare = timed.get((BASELINE, BARE_FORM))
+    peers = [(timed[key], key[1]) for key in timed if key[0] == target.peer_lib]
+    peers = [(time, name) for time, name in peers if name in target.peer_forms]
+    mine = timed.get((BUTTRESS, form))
+    if not peers or mine is None or (target.metric == "overhead" and bare is None):
+        return None
+    peer, peer_form = min(peers)
+    if target.metric == "overhead":
+        assert bare is not None
+        value = _overhead_ratio(peer - bare, mine - bare)
+        detail = f"overhead {_ns(peer - bare)} / {_ns(mine - bare)}"
+    else:
+        value = peer / mine
+        detail = f"{_ns(peer)} / {_ns(mine)}"
+    verdict = "PASS" if value >= target.factor else "MISS"
+    return verdict, f"{_ratio(value):>7} ({detail} vs {target.peer_lib} {peer_form})"
+
+
+def _write_targets(write: Callable[[str], None], groups: dict[str, list[Result]]) -> None:
+    write("")
+    write(
+        "[targets] (informational: the run never fails on them). Judged on the fastest rounds, "
+        "which other load on a shared machine disturbs least; the medians' ratio follows."
+    )
+    for target in TARGETS:
+        members = groups.get(target.group, [])
+        write(f"  {target.text}")
+        for form in target.buttress_forms:
+            by_fastest = _target_ratio(target, members, form, "fastest")
+            if by_fastest is None:
+                write(f"    n/a   buttress {form}: a case it needs was not measured in this run")
+                continue
+            verdict, text = by_fastest
+            write(f"    {verdict}  buttress {form:<22} {text}")
+            by_median = _target_ratio(target, members, form, "median")
+            if by_median is not None:
+                verdict, text = by_median
+                write(f"          {'(medians)':<31} {text}: {verdict}")
