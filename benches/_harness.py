@@ -10,13 +10,20 @@ permit leaked), and the report shows that check beside the time.
 from __future__ import annotations
 
 import dataclasses
+import random
+import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
-# 2,000 rounds of 1,000 calls per case: the whole run takes about a minute and a half.
-ROUNDS = 2000
+# pytest-benchmark's own tables: 500 rounds of 1,000 calls per case.
+ROUNDS = 500
 ITERATIONS = 1000
 WARMUP_ROUNDS = 50
+
+# The report's interleaved pass: every case of a group timed in turn, round after round.
+INTERLEAVED_ROUNDS = 400
+INTERLEAVED_CALLS = 1000
 
 BASELINE = "baseline"  # the bare call of a group
 BUTTRESS = "buttress"
@@ -60,11 +67,13 @@ class Result:
 class Bench:
     """Times one case with the shared recipe, checks it, and keeps its median for the report."""
 
-    def __init__(self, fixture: Any, results: list[Result]) -> None:
+    def __init__(self, fixture: Any, results: list[Result], cases: dict[str, list[Case]]) -> None:
         self._fixture = fixture
         self._results = results
+        self._cases = cases
 
     def __call__(self, case: Case, *, expect: object) -> None:
+        self._cases.setdefault(self._fixture.group or "(no group)", []).append(case)
         run, verify = case.make()
         # Under --benchmark-disable, pedantic() calls run() once: the smoke pass still runs
         # every body and every check.
@@ -92,3 +101,40 @@ def registrar(cases: list[Case]) -> Callable[[str, str], Callable[[Make], Make]]
         return register
 
     return add
+
+
+def interleave(group: str, cases: list[Case]) -> list[Result]:
+    """Times every case of a group in turn, in a fresh shuffled order each round.
+
+    On a shared machine, load comes and goes over seconds; pytest-benchmark times one case after
+    another, so a burst can slow one case and spare its peer. Interleaving spreads the bursts
+    over all cases alike, which makes the ratios between them fair. Each case is checked after.
+    """
+    made = [(case, *case.make()) for case in cases]
+    per_call: dict[str, list[float]] = {case.id: [] for case in cases}
+    order = list(range(len(made)))
+    shuffle = random.Random(0).shuffle
+    calls = range(INTERLEAVED_CALLS)
+    for _ in range(INTERLEAVED_ROUNDS):
+        shuffle(order)
+        for index in order:
+            case, run, _ = made[index]
+            start = time.perf_counter()
+            for _ in calls:
+                run()
+            per_call[case.id].append((time.perf_counter() - start) / INTERLEAVED_CALLS)
+    results = []
+    for case, _, verify in made:
+        check = verify()
+        samples = per_call[case.id]
+        results.append(
+            Result(
+                group,
+                case.lib,
+                case.form,
+                statistics.median(samples),
+                min(samples),
+                check,
+            )
+        )
+    return results

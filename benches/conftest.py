@@ -18,20 +18,33 @@ from typing import Any
 
 import buttress
 import pytest
-from _harness import BARE_FORM, BASELINE, BUTTRESS, ITERATIONS, NOT_PEERS, ROUNDS, Bench, Result
+from _harness import (
+    BARE_FORM,
+    BASELINE,
+    BUTTRESS,
+    INTERLEAVED_CALLS,
+    INTERLEAVED_ROUNDS,
+    NOT_PEERS,
+    Bench,
+    Case,
+    Result,
+    interleave,
+)
 
 _RESULTS = pytest.StashKey[list[Result]]()
+_CASES = pytest.StashKey[dict[str, list[Case]]]()
 # A median this much above the fastest round means other load slowed most of the rounds.
 NOISY_SPREAD = 1.25
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RESULTS] = []
+    config.stash[_CASES] = {}
 
 
 @pytest.fixture
 def bench(benchmark: Any, request: pytest.FixtureRequest) -> Bench:
-    return Bench(benchmark, request.config.stash[_RESULTS])
+    return Bench(benchmark, request.config.stash[_RESULTS], request.config.stash[_CASES])
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -140,20 +153,14 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     cpus = os.cpu_count() or 0
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     write(
-        f"load average {load} on {cpus} CPUs; median of {ROUNDS:,} rounds x {ITERATIONS:,} "
-        "calls per case; overhead = median - the group's bare call; median/min flags (!) "
-        "cases slowed by other load"
+        f"load average {load} on {cpus} CPUs. The tables above are pytest-benchmark's, one case "
+        "after another. The ratios below come from a second, interleaved pass: every case of a "
+        f"group timed in turn, {INTERLEAVED_ROUNDS} rounds x {INTERLEAVED_CALLS:,} calls in a "
+        "fresh shuffled order, so load that comes and goes hits each case alike. Median and "
+        "fastest round per call; overhead = median - the group's bare call; median/min above "
+        f"{NOISY_SPREAD} (!) marks cases that other load slowed in most rounds."
     )
-    noisy = [r.label for r in results if _is_noisy(r)]
-    if noisy:
-        write(
-            f"WARNING: other load slowed most rounds of {len(noisy)} case(s) (marked !): "
-            "ratios from their medians are unreliable; trust the fastest-round cross-check "
-            "or rerun on a quiet machine."
-        )
-    groups: dict[str, list[Result]] = {}
-    for result in results:
-        groups.setdefault(result.group, []).append(result)
+    groups = {name: interleave(name, cases) for name, cases in config.stash[_CASES].items()}
     for name, members in groups.items():
         _write_group(write, name, members)
     _write_targets(write, groups)
@@ -231,20 +238,20 @@ def _target_ratio(
 def _write_targets(write: Callable[[str], None], groups: dict[str, list[Result]]) -> None:
     write("")
     write(
-        "[targets] (informational: the run never fails on them). Judged on the fastest rounds, "
-        "which other load on a shared machine disturbs least; the medians' ratio follows."
+        "[targets] (informational: the run never fails on them). Judged on the interleaved "
+        "medians; the fastest rounds' ratio follows as a cross-check."
     )
     for target in TARGETS:
         members = groups.get(target.group, [])
         write(f"  {target.text}")
         for form in target.buttress_forms:
-            by_fastest = _target_ratio(target, members, form, "fastest")
-            if by_fastest is None:
+            by_median = _target_ratio(target, members, form, "median")
+            if by_median is None:
                 write(f"    n/a   buttress {form}: a case it needs was not measured in this run")
                 continue
-            verdict, text = by_fastest
+            verdict, text = by_median
             write(f"    {verdict}  buttress {form:<22} {text}")
-            by_median = _target_ratio(target, members, form, "median")
-            if by_median is not None:
-                verdict, text = by_median
-                write(f"          {'(medians)':<31} {text}: {verdict}")
+            by_fastest = _target_ratio(target, members, form, "fastest")
+            if by_fastest is not None:
+                verdict, text = by_fastest
+                write(f"          {'(fastest rounds)':<31} {text}: {verdict}")
