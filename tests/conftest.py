@@ -12,6 +12,7 @@ import socket
 from urllib.parse import urlparse
 
 import pytest
+from buttress import ManualClock
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("dev", max_examples=60, deadline=None)
@@ -60,3 +61,9 @@ def postgres_url() -> str:
 def redis_url() -> str:
     """The Redis URL, once the server answers."""
     return _service(REDIS_URL, 6379, "Redis")
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """A manual clock at 0 s: breaker tests move time by hand and never sleep."""
+    return ManualClock()

@@ -20,6 +20,7 @@ from buttress import (
     CircuitState,
     ManualClock,
 )
+from support import make_breaker
 
 SHORT = 0.05
 JOIN = 5.0
@@ -29,17 +30,6 @@ class Boom(Exception):
     """The failure the tests raise through breakers and bulkheads."""
 
 
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-def make(clock: ManualClock, **options: Any) -> CircuitBreaker:
-    options.setdefault("failure_threshold", 1)
-    options.setdefault("reset_timeout", 10.0)
-    return CircuitBreaker("svc", clock=clock, **options)
-
-
 def trip(clock: ManualClock, breaker: CircuitBreaker) -> None:
     permit = breaker.acquire()
     permit.failure()
@@ -47,7 +37,7 @@ def trip(clock: ManualClock, breaker: CircuitBreaker) -> None:
 
 
 def half_open(clock: ManualClock, **options: Any) -> CircuitBreaker:
-    breaker = make(clock, **options)
+    breaker = make_breaker(clock, **options)
     trip(clock, breaker)
     clock.advance(breaker.retry_after or 0.0)
     assert breaker.state is CircuitState.HALF_OPEN
@@ -81,7 +71,7 @@ def active_waiting(bulkhead: Bulkhead) -> tuple[int, int]:
 
 
 async def test_async_with_records_success_and_failure(clock: ManualClock) -> None:
-    breaker = make(clock, failure_threshold=2)
+    breaker = make_breaker(clock, failure_threshold=2)
     async with breaker as entered:
         assert entered is None
     error = Boom()
@@ -99,7 +89,7 @@ async def test_async_with_records_success_and_failure(clock: ManualClock) -> Non
 
 
 async def test_async_with_on_open_breaker_raises_before_the_body(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     trip(clock, breaker)
     ran = []
     with pytest.raises(CircuitOpenError) as caught:
@@ -112,7 +102,7 @@ async def test_async_with_on_open_breaker_raises_before_the_body(clock: ManualCl
 async def test_async_with_ignores_cancellation_and_records_ignored_exceptions(
     clock: ManualClock,
 ) -> None:
-    breaker = make(clock, ignore_exceptions=KeyError)
+    breaker = make_breaker(clock, ignore_exceptions=KeyError)
     with pytest.raises(KeyError):
         async with breaker:
             raise KeyError
@@ -124,13 +114,13 @@ async def test_async_with_ignores_cancellation_and_records_ignored_exceptions(
 
 
 async def test_aexit_without_aenter_raises(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     with pytest.raises(RuntimeError, match="svc"):
         await breaker.__aexit__(None, None, None)
 
 
 async def test_aexit_by_another_task_raises(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     entered = asyncio.Event()
 
     async def other_task() -> None:
@@ -148,7 +138,7 @@ async def test_aexit_by_another_task_raises(clock: ManualClock) -> None:
 
 
 async def test_nested_async_breakers(clock: ManualClock) -> None:
-    outer = make(clock, failure_threshold=5)
+    outer = make_breaker(clock, failure_threshold=5)
     inner = CircuitBreaker("inner", failure_threshold=5, clock=clock)
     async with outer, inner:
         pass
@@ -164,7 +154,7 @@ async def test_nested_async_breakers(clock: ManualClock) -> None:
 
 
 async def test_decorator_on_async_def_keeps_metadata(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
 
     async def fetch(item: str, count: int = 1) -> str:
         """Fetches an item."""
@@ -183,7 +173,7 @@ async def test_decorator_on_async_def_keeps_metadata(clock: ManualClock) -> None
 
 
 async def test_decorator_on_async_def_records_failures(clock: ManualClock) -> None:
-    breaker = make(clock, failure_threshold=2)
+    breaker = make_breaker(clock, failure_threshold=2)
     calls = []
 
     @breaker
@@ -202,7 +192,7 @@ async def test_decorator_on_async_def_records_failures(clock: ManualClock) -> No
 
 
 async def test_decorator_on_async_method_binds_self(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
 
     class Client:
         def __init__(self, base: str) -> None:
@@ -228,7 +218,7 @@ async def test_async_fallback_may_be_sync_or_async(clock: ManualClock, kind: str
         await asyncio.sleep(0)
         return sync_fallback(*args, **kwargs)
 
-    breaker = make(clock, fallback=sync_fallback if kind == "sync" else async_fallback)
+    breaker = make_breaker(clock, fallback=sync_fallback if kind == "sync" else async_fallback)
 
     @breaker
     async def fetch(x: int, *, key: str) -> str:
@@ -243,7 +233,7 @@ async def test_async_fallback_may_be_sync_or_async(clock: ManualClock, kind: str
 
 
 async def test_call_async_passes_arguments_and_records(clock: ManualClock) -> None:
-    breaker = make(clock, failure_threshold=2)
+    breaker = make_breaker(clock, failure_threshold=2)
 
     async def add(a: int, b: int, *, scale: int = 1) -> int:
         await asyncio.sleep(0)
@@ -260,7 +250,7 @@ async def test_call_async_passes_arguments_and_records(clock: ManualClock) -> No
 
 
 async def test_call_async_refuses_when_open(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     trip(clock, breaker)
     ran = []
 
@@ -275,7 +265,7 @@ async def test_call_async_refuses_when_open(clock: ManualClock) -> None:
 
 
 async def test_call_async_asks_result_is_failure(clock: ManualClock) -> None:
-    breaker = make(clock, result_is_failure=lambda value: value == "bad")
+    breaker = make_breaker(clock, result_is_failure=lambda value: value == "bad")
 
     async def answer(value: str) -> str:
         return value
@@ -287,7 +277,7 @@ async def test_call_async_asks_result_is_failure(clock: ManualClock) -> None:
 
 
 async def test_call_async_rejects_non_callables(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     with pytest.raises(TypeError, match="func"):
         await breaker.call_async(5)  # type: ignore[arg-type]
     assert breaker.metrics().calls == 0
@@ -331,7 +321,7 @@ async def test_outcomes_are_attributed_to_the_task_that_entered(clock: ManualClo
     # Task "early" enters while closed; the breaker then trips and goes half-open, and task
     # "trial" enters with a half-open permit. Each exit must record on its own permit: the
     # early failure is stale and must not reopen; the trial's success must close.
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     entered = {"early": asyncio.Event(), "trial": asyncio.Event()}
     leave = {"early": asyncio.Event(), "trial": asyncio.Event()}
 
@@ -358,7 +348,7 @@ async def test_outcomes_are_attributed_to_the_task_that_entered(clock: ManualClo
 
 
 async def test_many_tasks_interleaving_on_a_closed_breaker(clock: ManualClock) -> None:
-    breaker = make(clock, failure_threshold=None)
+    breaker = make_breaker(clock, failure_threshold=None)
 
     async def run(index: int) -> None:
         async with breaker:
@@ -657,7 +647,7 @@ class AsyncCallable:
 async def test_breaker_decorating_an_async_callable_object_records_its_failures(
     clock: ManualClock,
 ) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     guarded = breaker(AsyncCallable())
     with pytest.raises(Boom):
         await guarded(fail=True)

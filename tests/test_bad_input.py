@@ -14,6 +14,7 @@ from buttress import (
     CircuitState,
     ManualClock,
 )
+from support import bulkhead_stats
 
 NAN = math.nan
 INF = math.inf
@@ -414,18 +415,6 @@ def busy_bulkhead() -> Bulkhead:
     return bulkhead
 
 
-def bulkhead_snapshot(bulkhead: Bulkhead) -> tuple[int, ...]:
-    stats = bulkhead.stats()
-    return (
-        stats.active,
-        stats.waiting,
-        stats.max_observed,
-        stats.accepted,
-        stats.rejected,
-        stats.timed_out,
-    )
-
-
 BAD_BULKHEAD_CALLS: list[tuple[str, Any, type[Exception], str]] = [
     ("acquire(timeout=-1)", lambda b: b.acquire(timeout=-1), ValueError, "timeout"),
     ("acquire(timeout=nan)", lambda b: b.acquire(timeout=NAN), ValueError, "timeout"),
@@ -444,11 +433,11 @@ BAD_BULKHEAD_CALLS: list[tuple[str, Any, type[Exception], str]] = [
 def test_bad_bulkhead_calls_keep_the_state(
     busy_bulkhead: Bulkhead, call: Any, error: type[Exception], argument: str
 ) -> None:
-    before = bulkhead_snapshot(busy_bulkhead)
+    before = bulkhead_stats(busy_bulkhead)
     with pytest.raises(error) as caught:
         call(busy_bulkhead)
     assert_names(caught, argument)
-    assert bulkhead_snapshot(busy_bulkhead) == before
+    assert bulkhead_stats(busy_bulkhead) == before
     assert busy_bulkhead.try_acquire() is True  # the free permit is still free
     busy_bulkhead.release()
     busy_bulkhead.release()
@@ -457,19 +446,19 @@ def test_bad_bulkhead_calls_keep_the_state(
 
 @pytest.mark.parametrize("timeout", [-1.0, NAN, INF])
 async def test_acquire_async_rejects_bad_timeout(busy_bulkhead: Bulkhead, timeout: float) -> None:
-    before = bulkhead_snapshot(busy_bulkhead)
+    before = bulkhead_stats(busy_bulkhead)
     with pytest.raises(ValueError, match="timeout") as caught:
         await busy_bulkhead.acquire_async(timeout=timeout)
     assert_names(caught, "timeout")
-    assert bulkhead_snapshot(busy_bulkhead) == before
+    assert bulkhead_stats(busy_bulkhead) == before
 
 
 async def test_call_async_rejects_non_callables(busy_bulkhead: Bulkhead) -> None:
-    before = bulkhead_snapshot(busy_bulkhead)
+    before = bulkhead_stats(busy_bulkhead)
     with pytest.raises(TypeError) as caught:
         await busy_bulkhead.call_async(5)  # type: ignore[arg-type]
     assert_names(caught, "func")
-    assert bulkhead_snapshot(busy_bulkhead) == before
+    assert bulkhead_stats(busy_bulkhead) == before
 
 
 async def test_breaker_call_async_rejects_non_callables(busy_breaker: CircuitBreaker) -> None:

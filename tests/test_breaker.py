@@ -28,6 +28,7 @@ from buttress import (
 )
 from hypothesis import given
 from hypothesis import strategies as st
+from support import make_breaker
 
 # ---- helpers -----------------------------------------------------------------------------
 
@@ -56,21 +57,9 @@ def succeed(breaker: CircuitBreaker) -> None:
     assert breaker.call(lambda: "ok") == "ok"
 
 
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-def make(clock: ManualClock, **options: Any) -> CircuitBreaker:
-    """A breaker on `clock` that trips on the first failure and waits 10 s, unless told else."""
-    options.setdefault("failure_threshold", 1)
-    options.setdefault("reset_timeout", 10.0)
-    return CircuitBreaker("svc", clock=clock, **options)
-
-
 def half_open(clock: ManualClock, **options: Any) -> CircuitBreaker:
     """A breaker already moved to half-open (tripped, then waited out)."""
-    breaker = make(clock, **options)
+    breaker = make_breaker(clock, **options)
     fail(breaker)
     assert breaker.state is CircuitState.OPEN
     clock.advance(breaker.retry_after or 0.0)
@@ -131,7 +120,7 @@ def test_circuit_state_members_equal_their_strings(member: CircuitState, text: s
 
 
 def test_state_returns_circuit_state_members_through_every_state(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     seen = [breaker.state]
     fail(breaker)
     seen.append(breaker.state)
@@ -149,7 +138,7 @@ def test_state_returns_circuit_state_members_through_every_state(clock: ManualCl
 
 
 def test_open_reads_as_half_open_exactly_when_the_wait_is_over(clock: ManualClock) -> None:
-    breaker = make(clock, reset_timeout=2.0)
+    breaker = make_breaker(clock, reset_timeout=2.0)
     fail(breaker)
     clock.advance(1.999)
     assert breaker.state is CircuitState.OPEN
@@ -164,7 +153,7 @@ def test_open_reads_as_half_open_exactly_when_the_wait_is_over(clock: ManualCloc
 
 
 def test_call_passes_arguments_and_returns_the_result(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
 
     def add(a: int, b: int, *, scale: int = 1) -> int:
         return (a + b) * scale
@@ -178,12 +167,12 @@ def test_call_passes_arguments_and_returns_the_result(clock: ManualClock) -> Non
 def test_call_takes_func_positionally_so_func_may_be_a_keyword_argument(
     clock: ManualClock,
 ) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     assert breaker.call(dict, func=1, name="x") == {"func": 1, "name": "x"}
 
 
 def test_call_reraises_the_same_exception_and_records_a_failure(clock: ManualClock) -> None:
-    breaker = make(clock, failure_threshold=3)
+    breaker = make_breaker(clock, failure_threshold=3)
     fail(breaker)
     metrics = breaker.metrics()
     assert (metrics.calls, metrics.failures, metrics.consecutive_failures) == (1, 1, 1)
@@ -191,7 +180,7 @@ def test_call_reraises_the_same_exception_and_records_a_failure(clock: ManualClo
 
 
 def test_open_breaker_refuses_without_calling(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     fail(breaker)
     called = []
     with pytest.raises(CircuitOpenError) as caught:
@@ -203,7 +192,7 @@ def test_open_breaker_refuses_without_calling(clock: ManualClock) -> None:
 
 
 def test_success_resets_the_run_of_failures(clock: ManualClock) -> None:
-    breaker = make(clock, failure_threshold=3)
+    breaker = make_breaker(clock, failure_threshold=3)
     fail(breaker)
     fail(breaker)
     succeed(breaker)
@@ -219,7 +208,7 @@ def test_success_resets_the_run_of_failures(clock: ManualClock) -> None:
 
 
 def test_decorator_keeps_function_metadata(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
 
     def fetch(item: str, count: int = 1) -> str:
         """Fetches an item."""
@@ -237,7 +226,7 @@ def test_decorator_keeps_function_metadata(clock: ManualClock) -> None:
 
 
 def test_decorator_records_failures_and_refuses_when_open(clock: ManualClock) -> None:
-    breaker = make(clock, failure_threshold=2)
+    breaker = make_breaker(clock, failure_threshold=2)
     calls = []
 
     @breaker
@@ -255,7 +244,7 @@ def test_decorator_records_failures_and_refuses_when_open(clock: ManualClock) ->
 
 
 def test_decorator_on_methods_binds_self(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
 
     class Client:
         def __init__(self, base: str) -> None:
@@ -279,7 +268,7 @@ def test_decorator_on_methods_binds_self(clock: ManualClock) -> None:
 
 
 def test_decorated_method_failures_count_on_the_shared_breaker(clock: ManualClock) -> None:
-    breaker = make(clock, failure_threshold=2)
+    breaker = make_breaker(clock, failure_threshold=2)
 
     class Client:
         @breaker
@@ -296,7 +285,7 @@ def test_decorated_method_failures_count_on_the_shared_breaker(clock: ManualCloc
 
 
 def test_with_block_records_success_and_failure(clock: ManualClock) -> None:
-    breaker = make(clock, failure_threshold=2)
+    breaker = make_breaker(clock, failure_threshold=2)
     with breaker:
         pass
     error = Boom("inside")
@@ -308,7 +297,7 @@ def test_with_block_records_success_and_failure(clock: ManualClock) -> None:
 
 
 def test_with_block_on_open_breaker_raises_before_the_body(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     fail(breaker)
     ran = []
     with pytest.raises(CircuitOpenError), breaker:
@@ -317,13 +306,13 @@ def test_with_block_on_open_breaker_raises_before_the_body(clock: ManualClock) -
 
 
 def test_with_block_enter_returns_none(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     with breaker as entered:
         assert entered is None
 
 
 def test_nested_breakers_each_record_their_own_outcome(clock: ManualClock) -> None:
-    outer = make(clock, failure_threshold=5)
+    outer = make_breaker(clock, failure_threshold=5)
     inner = CircuitBreaker("inner", failure_threshold=5, clock=clock)
     with outer, inner:
         pass
@@ -335,7 +324,7 @@ def test_nested_breakers_each_record_their_own_outcome(clock: ManualClock) -> No
 
 
 def test_inner_breaker_refusal_propagates_through_the_outer_one(clock: ManualClock) -> None:
-    outer = make(clock, failure_threshold=5)
+    outer = make_breaker(clock, failure_threshold=5)
     inner = CircuitBreaker("inner", failure_threshold=1, clock=clock)
     fail(inner)
     with pytest.raises(CircuitOpenError) as caught, outer, inner:
@@ -356,7 +345,7 @@ def test_same_breaker_nested_takes_two_permits(clock: ManualClock) -> None:
 
 
 def test_exit_without_enter_raises_runtime_error(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     with pytest.raises(RuntimeError, match="svc"):
         breaker.__exit__(None, None, None)
     assert breaker.metrics().calls == 0
@@ -365,7 +354,7 @@ def test_exit_without_enter_raises_runtime_error(clock: ManualClock) -> None:
 def test_exit_on_another_thread_raises_and_the_entering_thread_can_still_exit(
     clock: ManualClock,
 ) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     breaker.__enter__()
     errors: list[BaseException] = []
 
@@ -387,7 +376,7 @@ def test_exit_on_another_thread_raises_and_the_entering_thread_can_still_exit(
 
 
 def test_try_acquire_and_acquire_give_permits_when_closed(clock: ManualClock) -> None:
-    breaker = make(clock, failure_threshold=3)
+    breaker = make_breaker(clock, failure_threshold=3)
     permit = breaker.try_acquire()
     assert isinstance(permit, CircuitPermit)
     assert permit.recorded is False
@@ -402,7 +391,7 @@ def test_try_acquire_and_acquire_give_permits_when_closed(clock: ManualClock) ->
 
 
 def test_open_try_acquire_returns_none_and_acquire_raises(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     breaker.acquire().failure()
     assert breaker.try_acquire() is None
     with pytest.raises(CircuitOpenError) as caught:
@@ -426,7 +415,7 @@ def test_open_try_acquire_returns_none_and_acquire_raises(clock: ManualClock) ->
 def test_permit_record_exception_classifies(
     clock: ManualClock, error: BaseException, counted_as: str
 ) -> None:
-    breaker = make(clock, record_exceptions=Boom, ignore_exceptions=KeyError)
+    breaker = make_breaker(clock, record_exceptions=Boom, ignore_exceptions=KeyError)
     permit = breaker.acquire()
     permit.record_exception(error)
     assert permit.recorded
@@ -440,12 +429,14 @@ def test_permit_record_exception_classifies(
 
 
 def test_permit_record_result_asks_the_predicate(clock: ManualClock) -> None:
-    breaker = make(clock, failure_threshold=3, result_is_failure=lambda value: value is None)
+    breaker = make_breaker(
+        clock, failure_threshold=3, result_is_failure=lambda value: value is None
+    )
     breaker.acquire().record_result("fine")
     breaker.acquire().record_result(None)
     metrics = breaker.metrics()
     assert (metrics.successes, metrics.failures) == (1, 1)
-    plain = make(clock)
+    plain = make_breaker(clock)
     plain.acquire().record_result(None)
     assert plain.metrics().successes == 1
 
@@ -479,7 +470,7 @@ _RECORDERS: list[Callable[[CircuitPermit], None]] = [
 def test_recording_twice_raises_and_changes_nothing(
     clock: ManualClock, first: int, second: int
 ) -> None:
-    breaker = make(clock, failure_threshold=5)
+    breaker = make_breaker(clock, failure_threshold=5)
     permit = breaker.acquire()
     _RECORDERS[first](permit)
     before = breaker.metrics()
@@ -509,7 +500,7 @@ def test_dropped_permit_releases_its_half_open_slot(clock: ManualClock) -> None:
 
 
 def test_dropped_recorded_permit_records_nothing_more(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     permit = breaker.acquire()
     permit.success()
     del permit
@@ -519,7 +510,7 @@ def test_dropped_recorded_permit_records_nothing_more(clock: ManualClock) -> Non
 
 
 def test_permit_as_context_manager(clock: ManualClock) -> None:
-    breaker = make(clock, failure_threshold=3)
+    breaker = make_breaker(clock, failure_threshold=3)
     with breaker.acquire() as permit:
         assert isinstance(permit, CircuitPermit)
     assert permit.recorded
@@ -540,7 +531,7 @@ def test_permit_as_context_manager(clock: ManualClock) -> None:
 
 
 def test_stale_permit_does_not_touch_the_new_state(clock: ManualClock) -> None:
-    breaker = make(clock, failure_threshold=2, reset_timeout=1.0)
+    breaker = make_breaker(clock, failure_threshold=2, reset_timeout=1.0)
     early = breaker.acquire()
     fail(breaker)
     fail(breaker)
@@ -563,7 +554,7 @@ def test_fallback_gets_the_call_arguments_when_refused(clock: ManualClock) -> No
         got.append((args, kwargs))
         return "cached"
 
-    breaker = make(clock, fallback=fallback)
+    breaker = make_breaker(clock, fallback=fallback)
     assert breaker.fallback is fallback
     fail(breaker)
     called = []
@@ -575,7 +566,7 @@ def test_fallback_gets_the_call_arguments_when_refused(clock: ManualClock) -> No
 
 def test_fallback_is_never_called_on_admitted_calls(clock: ManualClock) -> None:
     fallback_calls = []
-    breaker = make(clock, failure_threshold=3, fallback=lambda *a: fallback_calls.append(a))
+    breaker = make_breaker(clock, failure_threshold=3, fallback=lambda *a: fallback_calls.append(a))
     succeed(breaker)
     fail(breaker)  # the failure propagates; the fallback is only for refusals
     assert fallback_calls == []
@@ -583,7 +574,7 @@ def test_fallback_is_never_called_on_admitted_calls(clock: ManualClock) -> None:
 
 def test_fallback_serves_decorated_functions_and_methods(clock: ManualClock) -> None:
     got = []
-    breaker = make(clock, fallback=lambda *args: got.append(args) or "fallback")
+    breaker = make_breaker(clock, fallback=lambda *args: got.append(args) or "fallback")
 
     @breaker
     def fetch(x: int) -> int:
@@ -611,14 +602,14 @@ def test_fallback_serves_half_open_refusals(clock: ManualClock) -> None:
 
 
 def test_fallback_errors_propagate(clock: ManualClock) -> None:
-    breaker = make(clock, fallback=lambda: raise_(Other("fallback broke")))
+    breaker = make_breaker(clock, fallback=lambda: raise_(Other("fallback broke")))
     fail(breaker)
     with pytest.raises(Other, match="fallback broke"):
         breaker.call(lambda: 1)
 
 
 def test_with_and_acquire_raise_even_with_a_fallback(clock: ManualClock) -> None:
-    breaker = make(clock, fallback=lambda: "fallback")
+    breaker = make_breaker(clock, fallback=lambda: "fallback")
     fail(breaker)
     with pytest.raises(CircuitOpenError), breaker:
         pass
@@ -631,7 +622,7 @@ def test_with_and_acquire_raise_even_with_a_fallback(clock: ManualClock) -> None
 
 
 def test_listeners_see_each_transition_in_order(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     seen: list[tuple[Any, CircuitState, CircuitState]] = []
     breaker.add_listener(lambda b, old, new: seen.append((b, old, new)))
     succeed(breaker)
@@ -659,7 +650,7 @@ def test_listeners_see_each_transition_in_order(clock: ManualClock) -> None:
 
 
 def test_reading_state_after_the_wait_notifies_half_open(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     seen = []
     breaker.add_listener(lambda b, old, new: seen.append(new))
     fail(breaker)
@@ -679,7 +670,7 @@ def test_half_open_failure_notifies_reopen(clock: ManualClock) -> None:
 
 
 def test_listeners_run_in_registration_order(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     order = []
     for tag in "abc":
         breaker.add_listener(functools.partial(lambda tag, *_: order.append(tag), tag))
@@ -688,7 +679,7 @@ def test_listeners_run_in_registration_order(clock: ManualClock) -> None:
 
 
 def test_listener_sees_the_new_state_and_may_use_the_breaker(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     seen = []
 
     def listener(b: CircuitBreaker, old: CircuitState, new: CircuitState) -> None:
@@ -702,7 +693,7 @@ def test_listener_sees_the_new_state_and_may_use_the_breaker(clock: ManualClock)
 def test_raising_listener_does_not_break_the_call(
     clock: ManualClock, unraisable: list[Any]
 ) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     after = []
 
     def broken(*_: Any) -> None:
@@ -732,7 +723,7 @@ def test_raising_listener_does_not_break_a_success(
 
 
 def test_remove_listener(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     seen = []
 
     def listener(*args: Any) -> None:
@@ -747,14 +738,14 @@ def test_remove_listener(clock: ManualClock) -> None:
 
 
 def test_remove_unknown_listener_raises_value_error(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     breaker.add_listener(print)
     with pytest.raises(ValueError, match="listener"):
         breaker.remove_listener(lambda *_: None)
 
 
 def test_listener_added_twice_runs_twice_until_removed_once(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     seen = []
 
     def listener(*_: Any) -> None:
@@ -778,7 +769,7 @@ def test_bound_method_listener_is_removed_by_an_equal_bound_method(clock: Manual
             self.seen.append(new)
 
     watcher = Watcher()
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     breaker.add_listener(watcher.on_change)
     breaker.force_open()
     breaker.remove_listener(watcher.on_change)  # a new, equal bound-method object
@@ -790,7 +781,7 @@ def test_bound_method_listener_is_removed_by_an_equal_bound_method(clock: Manual
 
 
 def test_default_records_every_exception(clock: ManualClock) -> None:
-    breaker = make(clock, failure_threshold=3)
+    breaker = make_breaker(clock, failure_threshold=3)
     fail(breaker, ValueError())
     fail(breaker, OSError())
     fail(breaker, ZeroDivisionError())
@@ -798,7 +789,9 @@ def test_default_records_every_exception(clock: ManualClock) -> None:
 
 
 def test_record_exceptions_limits_failures_to_those_types(clock: ManualClock) -> None:
-    breaker = make(clock, failure_threshold=2, record_exceptions=(ConnectionError, TimeoutError))
+    breaker = make_breaker(
+        clock, failure_threshold=2, record_exceptions=(ConnectionError, TimeoutError)
+    )
     fail(breaker, ConnectionError())
     fail(breaker, Other())  # not recorded: counts as a success
     metrics = breaker.metrics()
@@ -809,18 +802,18 @@ def test_record_exceptions_limits_failures_to_those_types(clock: ManualClock) ->
 
 
 def test_record_exceptions_accepts_one_class_or_a_list(clock: ManualClock) -> None:
-    single = make(clock, record_exceptions=Boom)
+    single = make_breaker(clock, record_exceptions=Boom)
     fail(single, Other())
     assert single.state is CircuitState.CLOSED
     fail(single)
     assert single.state is CircuitState.OPEN
-    listed = make(clock, record_exceptions=[Boom])
+    listed = make_breaker(clock, record_exceptions=[Boom])
     fail(listed)
     assert listed.state is CircuitState.OPEN
 
 
 def test_ignored_exceptions_count_neither_way(clock: ManualClock) -> None:
-    breaker = make(clock, failure_threshold=2, ignore_exceptions=KeyError)
+    breaker = make_breaker(clock, failure_threshold=2, ignore_exceptions=KeyError)
     fail(breaker)
     fail(breaker, KeyError("k"))  # neither breaks the run nor extends it
     metrics = breaker.metrics()
@@ -831,7 +824,7 @@ def test_ignored_exceptions_count_neither_way(clock: ManualClock) -> None:
 
 
 def test_ignore_wins_over_record(clock: ManualClock) -> None:
-    breaker = make(clock, record_exceptions=LookupError, ignore_exceptions=KeyError)
+    breaker = make_breaker(clock, record_exceptions=LookupError, ignore_exceptions=KeyError)
     fail(breaker, KeyError())
     assert breaker.state is CircuitState.CLOSED
     fail(breaker, IndexError())
@@ -851,7 +844,7 @@ def test_base_exceptions_are_ignored(clock: ManualClock, error: BaseException) -
 
 
 def test_base_exception_in_with_block_is_ignored(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     with pytest.raises(KeyboardInterrupt), breaker:
         raise KeyboardInterrupt
     assert breaker.state is CircuitState.CLOSED
@@ -870,7 +863,7 @@ def test_result_is_failure_counts_results_as_failures_but_returns_them(
         seen.append(value)
         return isinstance(value, int) and value >= 500
 
-    breaker = make(clock, failure_threshold=2, result_is_failure=predicate)
+    breaker = make_breaker(clock, failure_threshold=2, result_is_failure=predicate)
     assert breaker.call(lambda: 200) == 200
     assert breaker.call(lambda: 503) == 503
     assert breaker.metrics().consecutive_failures == 1
@@ -885,7 +878,7 @@ def test_result_is_failure_counts_results_as_failures_but_returns_them(
 
 
 def test_result_is_failure_uses_truthiness(clock: ManualClock) -> None:
-    breaker = make(clock, failure_threshold=1, result_is_failure=lambda value: value)
+    breaker = make_breaker(clock, failure_threshold=1, result_is_failure=lambda value: value)
     assert breaker.call(list) == []
     assert breaker.state is CircuitState.CLOSED
     assert breaker.call(lambda: [0]) == [0]
@@ -894,7 +887,7 @@ def test_result_is_failure_uses_truthiness(clock: ManualClock) -> None:
 
 def test_result_is_failure_is_not_asked_about_exceptions(clock: ManualClock) -> None:
     asked = []
-    breaker = make(clock, failure_threshold=3, result_is_failure=lambda v: asked.append(v))
+    breaker = make_breaker(clock, failure_threshold=3, result_is_failure=lambda v: asked.append(v))
     fail(breaker)
     with pytest.raises(Boom), breaker:
         raise Boom
@@ -918,7 +911,7 @@ def test_raising_predicate_propagates_and_ignores_the_call(clock: ManualClock) -
 
 
 def test_metrics_fields(clock: ManualClock) -> None:
-    breaker = make(
+    breaker = make_breaker(
         clock,
         failure_threshold=None,
         failure_rate_threshold=0.75,
@@ -960,7 +953,7 @@ def test_metrics_fields(clock: ManualClock) -> None:
 
 
 def test_metrics_after_trip_count_rejections_and_transitions(clock: ManualClock) -> None:
-    breaker = make(clock, failure_threshold=2)
+    breaker = make_breaker(clock, failure_threshold=2)
     fail(breaker)
     fail(breaker)
     for _ in range(3):
@@ -973,7 +966,7 @@ def test_metrics_after_trip_count_rejections_and_transitions(clock: ManualClock)
 
 
 def test_metrics_is_a_snapshot(clock: ManualClock) -> None:
-    breaker = make(clock, failure_threshold=3)
+    breaker = make_breaker(clock, failure_threshold=3)
     before = breaker.metrics()
     fail(breaker)
     assert before.failures == 0
@@ -984,7 +977,7 @@ def test_metrics_is_a_snapshot(clock: ManualClock) -> None:
 
 
 def test_circuit_open_error_attributes_and_message(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     fail(breaker)
     clock.advance(2.5)
     with pytest.raises(CircuitOpenError) as caught:
@@ -1002,7 +995,7 @@ def test_circuit_open_error_attributes_and_message(clock: ManualClock) -> None:
 
 
 def test_circuit_open_error_pickles(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     fail(breaker)
     with pytest.raises(CircuitOpenError) as caught:
         breaker.acquire()
@@ -1016,7 +1009,7 @@ def test_circuit_open_error_pickles(clock: ManualClock) -> None:
 
 
 def test_forced_open_has_no_retry_after(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     breaker.force_open()
     assert breaker.retry_after is None
     with pytest.raises(CircuitOpenError) as caught:
@@ -1040,7 +1033,7 @@ def test_half_open_with_busy_slots_refuses_with_zero_retry_after(clock: ManualCl
 
 
 def test_retry_after_counts_down(clock: ManualClock) -> None:
-    breaker = make(clock, reset_timeout=4.0)
+    breaker = make_breaker(clock, reset_timeout=4.0)
     assert breaker.retry_after == 0.0
     fail(breaker)
     assert breaker.retry_after == pytest.approx(4.0)
@@ -1054,7 +1047,7 @@ def test_retry_after_counts_down(clock: ManualClock) -> None:
 
 
 def test_force_open_refuses_whatever_the_clock_says(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     breaker.force_open()
     clock.advance(10_000.0)
     assert breaker.state is CircuitState.FORCED_OPEN
@@ -1067,7 +1060,7 @@ def test_force_open_refuses_whatever_the_clock_says(clock: ManualClock) -> None:
 
 
 def test_disable_admits_everything_and_never_trips(clock: ManualClock) -> None:
-    breaker = make(clock)
+    breaker = make_breaker(clock)
     fail(breaker)
     breaker.disable()
     assert breaker.state is CircuitState.DISABLED
@@ -1082,7 +1075,7 @@ def test_disable_admits_everything_and_never_trips(clock: ManualClock) -> None:
 
 
 def test_disabled_breaker_counts_nothing(clock: ManualClock) -> None:
-    breaker = make(clock, failure_threshold=3)
+    breaker = make_breaker(clock, failure_threshold=3)
     succeed(breaker)
     breaker.disable()
     before = breaker.metrics()
@@ -1098,7 +1091,9 @@ def test_disabled_breaker_counts_nothing(clock: ManualClock) -> None:
 
 
 def test_reset_from_open_closes_and_forgets_the_trips(clock: ManualClock) -> None:
-    breaker = make(clock, reset_timeout=1.0, backoff_multiplier=2.0, max_reset_timeout=100.0)
+    breaker = make_breaker(
+        clock, reset_timeout=1.0, backoff_multiplier=2.0, max_reset_timeout=100.0
+    )
     fail(breaker)
     clock.advance(1.0)
     fail(breaker)  # the half-open trial fails: second trip
@@ -1111,7 +1106,7 @@ def test_reset_from_open_closes_and_forgets_the_trips(clock: ManualClock) -> Non
 
 
 def test_reset_of_a_closed_breaker_starts_a_fresh_window(clock: ManualClock) -> None:
-    breaker = make(
+    breaker = make_breaker(
         clock,
         failure_threshold=3,
         failure_rate_threshold=0.5,
@@ -1180,7 +1175,7 @@ def test_ignored_trial_does_not_count_toward_success_threshold(clock: ManualCloc
 
 
 def test_count_window_trips_on_failure_rate_once_minimum_calls_seen(clock: ManualClock) -> None:
-    breaker = make(
+    breaker = make_breaker(
         clock, failure_threshold=None, failure_rate_threshold=0.5, window_size=4, minimum_calls=4
     )
     fail(breaker)
@@ -1193,7 +1188,7 @@ def test_count_window_trips_on_failure_rate_once_minimum_calls_seen(clock: Manua
 
 
 def test_count_window_forgets_the_oldest_call(clock: ManualClock) -> None:
-    breaker = make(
+    breaker = make_breaker(
         clock, failure_threshold=None, failure_rate_threshold=0.75, window_size=4, minimum_calls=4
     )
     for record in (fail, fail, succeed, succeed):
@@ -1208,7 +1203,7 @@ def test_count_window_forgets_the_oldest_call(clock: ManualClock) -> None:
 
 
 def test_count_window_minimum_calls_is_clamped_to_the_window(clock: ManualClock) -> None:
-    breaker = make(
+    breaker = make_breaker(
         clock, failure_threshold=None, failure_rate_threshold=1.0, window_size=3, minimum_calls=50
     )
     fail(breaker)
@@ -1219,7 +1214,7 @@ def test_count_window_minimum_calls_is_clamped_to_the_window(clock: ManualClock)
 
 
 def test_time_window_trips_on_failure_rate_and_forgets_old_seconds(clock: ManualClock) -> None:
-    breaker = make(
+    breaker = make_breaker(
         clock,
         failure_threshold=None,
         failure_rate_threshold=0.5,
@@ -1244,7 +1239,7 @@ def test_time_window_trips_on_failure_rate_and_forgets_old_seconds(clock: Manual
 
 
 def test_time_window_adds_up_calls_across_seconds(clock: ManualClock) -> None:
-    breaker = make(
+    breaker = make_breaker(
         clock,
         failure_threshold=None,
         failure_rate_threshold=0.5,
@@ -1265,7 +1260,7 @@ def test_time_window_adds_up_calls_across_seconds(clock: ManualClock) -> None:
 
 
 def test_time_window_does_not_clamp_minimum_calls(clock: ManualClock) -> None:
-    breaker = make(
+    breaker = make_breaker(
         clock,
         failure_threshold=None,
         failure_rate_threshold=0.5,
@@ -1287,7 +1282,7 @@ def slow(clock: ManualClock, seconds: float, error: BaseException | None = None)
 
 
 def test_slow_call_rate_trips_on_slow_successes(clock: ManualClock) -> None:
-    breaker = make(
+    breaker = make_breaker(
         clock,
         failure_threshold=None,
         slow_call_rate_threshold=0.5,
@@ -1306,7 +1301,7 @@ def test_slow_call_rate_trips_on_slow_successes(clock: ManualClock) -> None:
 
 
 def test_slow_failures_count_as_slow_and_failed(clock: ManualClock) -> None:
-    breaker = make(
+    breaker = make_breaker(
         clock,
         failure_threshold=None,
         failure_rate_threshold=1.0,
@@ -1322,7 +1317,7 @@ def test_slow_failures_count_as_slow_and_failed(clock: ManualClock) -> None:
 
 
 def test_slow_call_rate_over_a_time_window(clock: ManualClock) -> None:
-    breaker = make(
+    breaker = make_breaker(
         clock,
         failure_threshold=None,
         slow_call_rate_threshold=1.0,
@@ -1339,7 +1334,7 @@ def test_slow_call_rate_over_a_time_window(clock: ManualClock) -> None:
 
 
 def test_slow_calls_are_not_tracked_without_a_slow_rate(clock: ManualClock) -> None:
-    breaker = make(clock, slow_call_duration=1.0)
+    breaker = make_breaker(clock, slow_call_duration=1.0)
     breaker.call(slow, clock, 5.0)
     assert breaker.metrics().slow_calls == 0
 
@@ -1351,7 +1346,7 @@ def test_slow_trial_call_reopens(clock: ManualClock) -> None:
 
 
 def test_consecutive_and_rate_rules_work_together(clock: ManualClock) -> None:
-    breaker = make(
+    breaker = make_breaker(
         clock, failure_threshold=3, failure_rate_threshold=0.9, window_size=10, minimum_calls=10
     )
     fail(breaker)
@@ -1361,7 +1356,7 @@ def test_consecutive_and_rate_rules_work_together(clock: ManualClock) -> None:
 
 
 def test_stale_outcome_does_not_skew_the_count_window(clock: ManualClock) -> None:
-    breaker = make(
+    breaker = make_breaker(
         clock,
         failure_threshold=None,
         failure_rate_threshold=0.5,
@@ -1387,7 +1382,7 @@ def test_stale_outcome_does_not_skew_the_count_window(clock: ManualClock) -> Non
 def test_stale_outcome_does_not_keep_expired_calls_in_the_time_window(
     clock: ManualClock,
 ) -> None:
-    breaker = make(
+    breaker = make_breaker(
         clock,
         failure_threshold=None,
         failure_rate_threshold=0.5,
@@ -1412,7 +1407,7 @@ def test_stale_outcome_does_not_keep_expired_calls_in_the_time_window(
 
 def test_time_window_sweeps_expired_calls_before_judging(clock: ManualClock) -> None:
     # The control for the stale-outcome case above: without one, expired failures are swept.
-    breaker = make(
+    breaker = make_breaker(
         clock,
         failure_threshold=None,
         failure_rate_threshold=0.5,
@@ -1521,23 +1516,23 @@ def open_waits(clock: ManualClock, breaker: CircuitBreaker, trips: int) -> list[
 
 
 def test_exponential_backoff_up_to_the_cap(clock: ManualClock) -> None:
-    breaker = make(clock, reset_timeout=1.0, backoff_multiplier=2.0, max_reset_timeout=5.0)
+    breaker = make_breaker(clock, reset_timeout=1.0, backoff_multiplier=2.0, max_reset_timeout=5.0)
     assert open_waits(clock, breaker, 6) == pytest.approx([1.0, 2.0, 4.0, 5.0, 5.0, 5.0])
     assert breaker.metrics().consecutive_trips == 7
 
 
 def test_backoff_cap_defaults_to_ten_reset_timeouts(clock: ManualClock) -> None:
-    breaker = make(clock, reset_timeout=1.0, backoff_multiplier=3.0)
+    breaker = make_breaker(clock, reset_timeout=1.0, backoff_multiplier=3.0)
     assert open_waits(clock, breaker, 5) == pytest.approx([1.0, 3.0, 9.0, 10.0, 10.0])
 
 
 def test_no_backoff_by_default(clock: ManualClock) -> None:
-    breaker = make(clock, reset_timeout=2.0)
+    breaker = make_breaker(clock, reset_timeout=2.0)
     assert open_waits(clock, breaker, 4) == pytest.approx([2.0] * 4)
 
 
 def test_backoff_starts_over_after_closing(clock: ManualClock) -> None:
-    breaker = make(clock, reset_timeout=1.0, backoff_multiplier=2.0, max_reset_timeout=60.0)
+    breaker = make_breaker(clock, reset_timeout=1.0, backoff_multiplier=2.0, max_reset_timeout=60.0)
     assert open_waits(clock, breaker, 3) == pytest.approx([1.0, 2.0, 4.0])
     clock.advance(8.0)
     succeed(breaker)
@@ -1547,7 +1542,7 @@ def test_backoff_starts_over_after_closing(clock: ManualClock) -> None:
 
 
 def test_jitter_spreads_waits_within_bounds(clock: ManualClock) -> None:
-    breaker = make(clock, reset_timeout=10.0, max_reset_timeout=100.0, jitter=0.5)
+    breaker = make_breaker(clock, reset_timeout=10.0, max_reset_timeout=100.0, jitter=0.5)
     waits = []
     for _ in range(200):
         breaker.reset()
@@ -1563,7 +1558,7 @@ def test_jitter_spreads_waits_within_bounds(clock: ManualClock) -> None:
 
 
 def test_jitter_never_exceeds_the_cap(clock: ManualClock) -> None:
-    breaker = make(clock, reset_timeout=10.0, max_reset_timeout=12.0, jitter=0.5)
+    breaker = make_breaker(clock, reset_timeout=10.0, max_reset_timeout=12.0, jitter=0.5)
     waits = []
     for _ in range(200):
         breaker.reset()
@@ -1586,7 +1581,7 @@ def test_open_wait_stays_within_jitter_of_the_backoff_and_under_the_cap(
 ) -> None:
     clock = ManualClock()
     cap = reset_timeout * cap_factor
-    breaker = make(
+    breaker = make_breaker(
         clock,
         reset_timeout=reset_timeout,
         backoff_multiplier=multiplier,

@@ -19,6 +19,7 @@ import pytest
 from buttress import Bulkhead, BulkheadFullError, BulkheadRegistry, BulkheadStats, ButtressError
 from hypothesis import given
 from hypothesis import strategies as st
+from support import bulkhead_stats
 
 SHORT = 0.05
 JOIN = 5.0
@@ -30,18 +31,6 @@ class Boom(Exception):
 
 def raise_(error: BaseException) -> None:
     raise error
-
-
-def stats_tuple(bulkhead: Bulkhead) -> tuple[int, int, int, int, int, int]:
-    stats = bulkhead.stats()
-    return (
-        stats.active,
-        stats.waiting,
-        stats.max_observed,
-        stats.accepted,
-        stats.rejected,
-        stats.timed_out,
-    )
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = JOIN) -> None:
@@ -100,7 +89,7 @@ def test_try_acquire_enforces_max_concurrent() -> None:
     bulkhead.release()
     assert bulkhead.try_acquire() is True
     assert bulkhead.try_acquire() is False
-    assert stats_tuple(bulkhead) == (3, 0, 3, 4, 2, 0)
+    assert bulkhead_stats(bulkhead) == (3, 0, 3, 4, 2, 0)
 
 
 def test_acquire_without_waiting_raises_full_at_once() -> None:
@@ -130,7 +119,7 @@ def test_blocking_acquire_gets_a_released_permit() -> None:
         bulkhead.acquire()
     elapsed = time.monotonic() - start
     assert SHORT * 0.8 <= elapsed < JOIN
-    assert stats_tuple(bulkhead) == (1, 0, 1, 2, 0, 0)
+    assert bulkhead_stats(bulkhead) == (1, 0, 1, 2, 0, 0)
     bulkhead.release()
 
 
@@ -232,7 +221,7 @@ def test_fifo_hand_off_among_waiting_threads() -> None:
         thread.join(JOIN)
         assert not thread.is_alive()
     assert order == [0, 1, 2, 3, 4]
-    assert stats_tuple(bulkhead) == (0, 0, 1, 6, 0, 0)
+    assert bulkhead_stats(bulkhead) == (0, 0, 1, 6, 0, 0)
 
 
 def test_a_newcomer_cannot_overtake_a_waiter() -> None:
@@ -263,10 +252,10 @@ def test_over_release_raises_runtime_error() -> None:
         bulkhead.release()
     bulkhead.acquire()
     bulkhead.release()
-    before = stats_tuple(bulkhead)
+    before = bulkhead_stats(bulkhead)
     with pytest.raises(RuntimeError):
         bulkhead.release()
-    assert stats_tuple(bulkhead) == before
+    assert bulkhead_stats(bulkhead) == before
     with pytest.raises(RuntimeError):
         bulkhead.__exit__(None, None, None)
 
@@ -392,7 +381,7 @@ def test_stats_fields() -> None:
     bulkhead = Bulkhead("b", max_concurrent=2, max_waiting=5, max_wait=SHORT)
     stats = bulkhead.stats()
     assert isinstance(stats, BulkheadStats)
-    assert stats_tuple(bulkhead) == (0, 0, 0, 0, 0, 0)
+    assert bulkhead_stats(bulkhead) == (0, 0, 0, 0, 0, 0)
     bulkhead.acquire()
     bulkhead.acquire()
     assert bulkhead.try_acquire() is False
@@ -428,7 +417,7 @@ def test_stats_waiting_counts_queued_threads() -> None:
     for thread in threads:
         thread.join(JOIN)
         assert not thread.is_alive()
-    assert stats_tuple(bulkhead) == (0, 0, 1, 4, 0, 0)
+    assert bulkhead_stats(bulkhead) == (0, 0, 1, 4, 0, 0)
 
 
 @given(ops=st.lists(st.sampled_from(["try", "acquire", "release", "call"]), max_size=50))
@@ -470,7 +459,7 @@ def test_any_sequence_keeps_active_within_limits(ops: list[str]) -> None:
                 peak = max(peak, active + 1)
         peak = max(peak, active)
         assert 0 <= active <= limit
-        assert stats_tuple(bulkhead) == (active, 0, peak, accepted, rejected, 0)
+        assert bulkhead_stats(bulkhead) == (active, 0, peak, accepted, rejected, 0)
     assert reasons <= {"full"}
 
 
