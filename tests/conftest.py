@@ -1,8 +1,9 @@
 """Shared test settings: hypothesis profiles and the real-service fixtures.
 
 Hypothesis runs few examples locally and many in CI (``CI`` set, or
-``BUTTRESS_HYPOTHESIS_PROFILE=ci``). Tests that need PostgreSQL or Redis skip with a reason
-when none answers, and fail instead when ``BUTTRESS_REQUIRE_SERVICES=1``.
+``BUTTRESS_HYPOTHESIS_PROFILE=ci``); ``soak`` runs many more, by hand. Tests that need
+PostgreSQL or Redis skip with a reason when none answers, and fail instead when
+``BUTTRESS_REQUIRE_SERVICES=1``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,13 @@ settings.register_profile("dev", max_examples=60, deadline=None)
 settings.register_profile(
     "ci",
     max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+# A long hunt for disagreements, run by hand: BUTTRESS_HYPOTHESIS_PROFILE=soak.
+settings.register_profile(
+    "soak",
+    max_examples=3000,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
