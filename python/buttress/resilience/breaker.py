@@ -38,6 +38,10 @@ class CircuitBreaker(_core.CircuitBreaker):
     then admits ``half_open_max_calls`` trial calls at once: ``success_threshold`` successes
     close it, a failure opens it again.
 
+    ``with breaker:`` keeps its permit per thread, so enter and exit it on one thread (a
+    generator that yields inside the block should use ``try_acquire()`` and the permit
+    instead); coroutines use ``async with breaker:``, which keeps its permit per task.
+
     >>> breaker = CircuitBreaker("inventory", failure_threshold=3, reset_timeout=10.0)
     >>> @breaker
     ... def fetch(item: str) -> int:
