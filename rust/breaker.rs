@@ -793,9 +793,12 @@ impl Breaker {
                 self.put_bucket(index, mine, |_| Merge::Replace)
             }
             WindowKind::Time => {
-                let second = (self.clock.now_nanos() / NANOS_PER_SECOND) as u32;
+                let full_second = self.clock.now_nanos() / NANOS_PER_SECOND;
+                // Tags keep 32 bits and compare with wrap-around; the slot comes from the full
+                // second, so consecutive seconds never share a slot across the wrap.
+                let second = full_second as u32;
                 let swept = self.sweep_expired(generation, second);
-                let index = second as usize % self.buckets.len();
+                let index = (full_second % self.buckets.len() as u64) as usize;
                 let mine = Bucket {
                     generation,
                     tag: second,
@@ -1429,6 +1432,28 @@ mod tests {
         time.advance(10 * SECOND);
         run(&breaker, Outcome::Success);
         assert_eq!(breaker.state().0, State::Closed);
+    }
+
+    #[test]
+    fn time_window_keeps_consecutive_seconds_apart_across_the_32_bit_wrap() {
+        let time = Arc::new(ManualTime::new(((1u64 << 32) - 3) * SECOND));
+        let breaker = Breaker::new(
+            BreakerConfig {
+                failure_threshold: None,
+                failure_rate_threshold: Some(0.25),
+                window_kind: WindowKind::Time,
+                window_size: 3,
+                minimum_calls: 5,
+                ..BreakerConfig::default()
+            },
+            Clock::Manual(time.clone()),
+        )
+        .unwrap();
+        for _ in 0..3 {
+            time.advance(SECOND);
+            run(&breaker, Outcome::Success);
+        }
+        assert_eq!(breaker.metrics().window.calls, 3);
     }
 
     #[test]
