@@ -77,13 +77,14 @@ class CircuitBreaker(_core.CircuitBreaker):
         permit = self.try_acquire()
         if permit is None:
             fallback = self.fallback
-            if fallback is None:
-                self.acquire()  # raises CircuitOpenError with the current retry_after
-                raise AssertionError("unreachable: acquire() admitted a refused call")
-            result = fallback(*args, **kwargs)
-            if inspect.isawaitable(result):
-                result = await result
-            return cast(R, result)
+            if fallback is not None:
+                result = fallback(*args, **kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
+                return cast(R, result)
+            # Raises CircuitOpenError with the current retry_after (or admits the call, should
+            # the wait have ended a moment ago).
+            permit = self.acquire()
         try:
             value = await func(*args, **kwargs)
         except BaseException as error:
