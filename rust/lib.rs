@@ -27,6 +27,7 @@ mod _core {
     #[pymodule_init]
     fn init(module: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
         use pyo3::types::PyModuleMethods;
+        crate::breaker_py::install_call(module.py())?;
         module.add("__version__", env!("CARGO_PKG_VERSION"))
     }
 }
