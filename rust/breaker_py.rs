@@ -669,6 +669,7 @@ impl CircuitBreaker {
 
 /// One admitted call's ticket: record its outcome exactly once.
 ///
+/// >>> breaker = CircuitBreaker("search")
 /// >>> permit = breaker.try_acquire()
 /// >>> if permit is not None:
 /// ...     permit.success()

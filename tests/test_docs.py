@@ -40,3 +40,21 @@ def test_readme_example_runs(index: int, capsys: pytest.CaptureFixture[str]) -> 
 def test_docstring_examples(module: object) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)  # type: ignore[arg-type]
     assert result.failed == 0
+
+
+def test_extension_docstring_examples() -> None:
+    """The examples in the Rust classes' docstrings run too."""
+    from buttress import _core
+
+    globs = {
+        "CircuitBreaker": _core.CircuitBreaker,
+        "Bulkhead": _core.Bulkhead,
+        "ManualClock": _core.ManualClock,
+    }
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for name in ("CircuitBreaker", "CircuitPermit", "Bulkhead", "ManualClock"):
+        for test in finder.find(getattr(_core, name), name, globs=dict(globs)):
+            runner.run(test)
+    assert runner.failures == 0
+    assert runner.tries >= 4
