@@ -389,6 +389,40 @@ fn unpack_pair(word: u64) -> (u32, u32) {
     (word as u32, (word >> 32) as u32)
 }
 
+/// Moves the value of a (generation, value) word: a word of an earlier generation starts from 0,
+/// a word of a later one means the caller is stale (`None`). Returns (old, new) value; an
+/// unchanged value in the same generation is not written.
+fn update_tagged(
+    word: &AtomicU64,
+    generation: u32,
+    next: impl Fn(u32) -> u32,
+) -> Option<(u32, u32)> {
+    let mut current = word.load(Ordering::Acquire);
+    loop {
+        let (word_generation, value) = unpack_pair(current);
+        let value = if word_generation == generation {
+            value
+        } else if generation_after(generation, word_generation) {
+            0
+        } else {
+            return None;
+        };
+        let updated = next(value);
+        if updated == value && word_generation == generation {
+            return Some((value, updated));
+        }
+        match word.compare_exchange_weak(
+            current,
+            pack_pair(generation, updated),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => return Some((value, updated)),
+            Err(seen) => current = seen,
+        }
+    }
+}
+
 /// Packs (generation, calls in flight, successes) for the half-open permits.
 #[inline]
 fn pack_half_open(generation: u32, in_flight: u32, successes: u32) -> u64 {
@@ -740,30 +774,8 @@ impl Breaker {
 
     /// Updates the run of failures; `None` when the record belongs to an earlier generation.
     fn record_consecutive(&self, generation: u32, failed: bool) -> Option<u32> {
-        let mut current = self.consecutive_failures.load(Ordering::Acquire);
-        loop {
-            let (word_generation, run) = unpack_pair(current);
-            let run = if word_generation == generation {
-                run
-            } else if generation_after(generation, word_generation) {
-                0
-            } else {
-                return None;
-            };
-            let next_run = if failed { run.saturating_add(1) } else { 0 };
-            if next_run == run && word_generation == generation {
-                return Some(run);
-            }
-            match self.consecutive_failures.compare_exchange_weak(
-                current,
-                pack_pair(generation, next_run),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Some(next_run),
-                Err(seen) => current = seen,
-            }
-        }
+        let next = |run: u32| if failed { run.saturating_add(1) } else { 0 };
+        update_tagged(&self.consecutive_failures, generation, next).map(|(_, run)| run)
     }
 
     fn rates_exceeded(&self, counts: Counts) -> bool {
@@ -827,27 +839,8 @@ impl Breaker {
     /// generation so a stale record can never take a slot from the current window.
     fn next_count_slot(&self, generation: u32) -> Option<usize> {
         let size = self.buckets.len() as u32;
-        let mut current = self.window_cursor.load(Ordering::Acquire);
-        loop {
-            let (cursor_generation, index) = unpack_pair(current);
-            let index = if cursor_generation == generation {
-                index
-            } else if generation_after(generation, cursor_generation) {
-                0
-            } else {
-                return None;
-            };
-            let next = pack_pair(generation, (index + 1) % size);
-            match self.window_cursor.compare_exchange_weak(
-                current,
-                next,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Some(index as usize),
-                Err(seen) => current = seen,
-            }
-        }
+        update_tagged(&self.window_cursor, generation, |index| (index + 1) % size)
+            .map(|(index, _)| index as usize)
     }
 
     /// Writes `mine` into bucket `index`: added to the existing bucket when `accumulates` says
