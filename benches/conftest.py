@@ -83,6 +83,15 @@ TARGETS = (
         "overhead",
     ),
     Target(
+        "lazy: hot access no slower than functools.cached_property",
+        "lazy",
+        ("lazy_property",),
+        "functools",
+        ("cached_property",),
+        1.0,
+        "time",
+    ),
+    Target(
         "rejected call: buttress >= 5x cheaper than pybreaker's",
         "breaker-rejected",
         ("call() raising", "@breaker raising", "acquire() raising", "try_acquire() -> None"),

@@ -8,6 +8,7 @@ import re
 
 import buttress
 import buttress.errors
+import buttress.lazy
 import buttress.resilience.breaker
 import buttress.resilience.bulkhead
 import pytest
@@ -34,7 +35,13 @@ def test_readme_example_runs(index: int, capsys: pytest.CaptureFixture[str]) -> 
 
 @pytest.mark.parametrize(
     "module",
-    [buttress, buttress.errors, buttress.resilience.breaker, buttress.resilience.bulkhead],
+    [
+        buttress,
+        buttress.errors,
+        buttress.lazy,
+        buttress.resilience.breaker,
+        buttress.resilience.bulkhead,
+    ],
     ids=lambda module: module.__name__,
 )
 def test_docstring_examples(module: object) -> None:

@@ -9,6 +9,7 @@
 from buttress import _core
 from buttress._core import ManualClock
 from buttress.errors import BulkheadFullError, ButtressError, CircuitOpenError
+from buttress.lazy import AsyncLazy, AsyncLazyCollection, Lazy, LazyCollection, lazy_property
 from buttress.resilience import (
     BreakerMetrics,
     Bulkhead,
@@ -22,6 +23,8 @@ from buttress.resilience import (
 __version__: str = _core.__version__
 
 __all__ = [
+    "AsyncLazy",
+    "AsyncLazyCollection",
     "BreakerMetrics",
     "Bulkhead",
     "BulkheadFullError",
@@ -32,6 +35,9 @@ __all__ = [
     "CircuitOpenError",
     "CircuitPermit",
     "CircuitState",
+    "Lazy",
+    "LazyCollection",
     "ManualClock",
     "__version__",
+    "lazy_property",
 ]
