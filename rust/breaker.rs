@@ -669,10 +669,12 @@ impl Breaker {
         let mut current = self.half_open.load(Ordering::Acquire);
         loop {
             let (word_generation, in_flight, successes) = unpack_half_open(current);
-            let (in_flight, successes) = if word_generation == generation {
-                (in_flight, successes)
+            // Trial calls still running from an earlier half-open period stay counted: they are
+            // inside the dependency too. Only the successes start afresh.
+            let successes = if word_generation == generation {
+                successes
             } else if generation_after(generation, word_generation) {
-                (0, 0)
+                0
             } else {
                 return None;
             };
@@ -987,18 +989,19 @@ impl Breaker {
         let mut current = self.half_open.load(Ordering::Acquire);
         let successes = loop {
             let (word_generation, in_flight, successes) = unpack_half_open(current);
-            if word_generation != generation {
-                return Transitions::default();
-            }
-            let successes = successes + succeeded as u32;
-            let next = pack_half_open(generation, in_flight.saturating_sub(1), successes);
+            // Every trial call gives its slot back, also one of an earlier half-open period;
+            // only a call of the current period counts toward closing.
+            let current_period = word_generation == generation;
+            let successes = successes + (succeeded && current_period) as u32;
+            let next = pack_half_open(word_generation, in_flight.saturating_sub(1), successes);
             match self.half_open.compare_exchange_weak(
                 current,
                 next,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => break successes,
+                Ok(_) if current_period => break successes,
+                Ok(_) => return Transitions::default(),
                 Err(seen) => current = seen,
             }
         };
@@ -1285,6 +1288,32 @@ mod tests {
         let transitions = run(&breaker, Outcome::Success);
         assert_eq!(breaker.state().0, State::Closed);
         assert_eq!(transitions.iter().next().unwrap().to, State::Closed);
+    }
+
+    #[test]
+    fn trial_calls_of_an_earlier_half_open_period_keep_their_slots() {
+        let (breaker, time) = manual(BreakerConfig {
+            failure_threshold: Some(1),
+            reset_timeout_nanos: SECOND,
+            half_open_max_calls: 2,
+            ..BreakerConfig::default()
+        });
+        run(&breaker, Outcome::Failure);
+        time.advance(SECOND);
+        let slow_trial = admit(&breaker);
+        run(&breaker, Outcome::Failure); // another trial fails: open again
+        time.advance(SECOND);
+        let trial = admit(&breaker); // the slow trial still holds one of the two slots
+        assert!(matches!(
+            breaker.try_acquire().0,
+            Admission::Rejected { .. }
+        ));
+        breaker.record(slow_trial, Outcome::Success); // stale: frees its slot, closes nothing
+        assert_eq!(breaker.state().0, State::HalfOpen);
+        let another = admit(&breaker);
+        breaker.record(trial, Outcome::Success);
+        assert_eq!(breaker.state().0, State::Closed);
+        breaker.record(another, Outcome::Ignored);
     }
 
     #[test]

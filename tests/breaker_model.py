@@ -150,10 +150,11 @@ class BreakerModel:
     # -- periods and transitions -------------------------------------------------------------
 
     def _new_period(self) -> None:
+        # Trial calls still running keep their half-open slots across periods: they are
+        # inside the dependency too. Everything else starts afresh.
         self.period += 1
         self.run = 0
         self.window = deque()
-        self.half_open_in_flight = 0
         self.half_open_successes = 0
 
     def _transition(self, new: str) -> None:
@@ -236,7 +237,11 @@ class BreakerModel:
             )
             self.slow_calls += slow
         if permit.period != self.period:
-            return  # admitted under an earlier period: lifetime counts only
+            # Admitted under an earlier period: lifetime counts, and a trial call gives its
+            # half-open slot back.
+            if permit.state == HALF_OPEN:
+                self.half_open_in_flight -= 1
+            return
         if self.state == CLOSED:
             self._record_closed(outcome, slow, now_ns)
         elif self.state == HALF_OPEN:
