@@ -86,6 +86,31 @@ pub fn optional<T>(
     }
 }
 
+/// A callable, or `None` (also for an absent argument).
+pub fn optional_callable(
+    argument: &'static str,
+    value: Option<Bound<'_, PyAny>>,
+) -> PyResult<Option<Py<PyAny>>> {
+    match value {
+        None => Ok(None),
+        Some(value) if value.is_none() => Ok(None),
+        Some(value) => callable(argument, value).map(Some),
+    }
+}
+
+/// A callable, named in the error when it is not one.
+pub fn callable(argument: &'static str, value: Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    if value.is_callable() {
+        Ok(value.unbind())
+    } else {
+        Err(Error::wrong_type(
+            argument,
+            format!("{argument} must be callable (got {}).", describe(&value)),
+        )
+        .into())
+    }
+}
+
 /// Stamps `fn name(value) -> PyResult<T>` extractors for `#[pyo3(from_py_with = name)]`.
 macro_rules! extractors {
     ($( $name:ident : $kind:tt $arg:literal ),* $(,)?) => {
@@ -99,6 +124,11 @@ macro_rules! extractors {
     (@one $name:ident count0 $arg:literal) => {
         pub fn $name(value: &pyo3::Bound<'_, pyo3::PyAny>) -> pyo3::PyResult<u32> {
             $crate::args::count($arg, value, 0)
+        }
+    };
+    (@one $name:ident optional_count0 $arg:literal) => {
+        pub fn $name(value: &pyo3::Bound<'_, pyo3::PyAny>) -> pyo3::PyResult<Option<u32>> {
+            $crate::args::optional(value, |value| $crate::args::count($arg, value, 0))
         }
     };
     (@one $name:ident optional_count1 $arg:literal) => {

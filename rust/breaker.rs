@@ -12,6 +12,7 @@
 
 use crate::clock::Clock;
 use crate::errors::{Error, Result};
+use crate::jitter::JitterSource;
 use portable_atomic::AtomicU128;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -521,7 +522,7 @@ pub struct Breaker {
     open_deadline_ms: AtomicU64,
     totals: AtomicU128,
     buckets: Box<[AtomicU128]>,
-    jitter_seed: AtomicU64,
+    jitter: JitterSource,
     successes: AtomicU64,
     failures: AtomicU64,
     slow_calls: AtomicU64,
@@ -541,8 +542,7 @@ impl Breaker {
         } else {
             0
         };
-        let seed =
-            clock.now_nanos() ^ (bucket_count as u64).rotate_left(17) ^ 0x9E37_79B9_7F4A_7C15;
+        let seed = clock.now_nanos() ^ (bucket_count as u64).rotate_left(17);
         Ok(Breaker {
             clock,
             state: AtomicU64::new(pack_state(State::Closed, 0, 0)),
@@ -554,7 +554,7 @@ impl Breaker {
             open_deadline_ms: AtomicU64::new(0),
             totals: AtomicU128::new(0),
             buckets: (0..bucket_count).map(|_| AtomicU128::new(0)).collect(),
-            jitter_seed: AtomicU64::new(seed),
+            jitter: JitterSource::new(seed),
             successes: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             slow_calls: AtomicU64::new(0),
@@ -1060,7 +1060,7 @@ impl Breaker {
                 .powi(trips.saturating_sub(1).min(1024) as i32);
         let capped = grown.min(config.max_reset_timeout_nanos as f64);
         let spread = if config.jitter > 0.0 {
-            let unit = self.next_random_unit();
+            let unit = self.jitter.next_unit();
             capped * (1.0 + config.jitter * (2.0 * unit - 1.0))
         } else {
             capped
@@ -1068,18 +1068,6 @@ impl Breaker {
         (spread
             .min(config.max_reset_timeout_nanos as f64)
             .max(NANOS_PER_MS as f64)) as u64
-    }
-
-    /// A uniform draw in [0, 1) from a splitmix64 stream; only used at transitions.
-    fn next_random_unit(&self) -> f64 {
-        let mut z = self
-            .jitter_seed
-            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
-            .wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// Moves to `target` whatever the current state (operator actions: force open, disable, reset).

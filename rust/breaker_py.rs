@@ -1,11 +1,12 @@
 //! Python binding of the circuit breaker core: the hot forms (`call`, `with`, decorated
 //! functions, `try_acquire`) run entirely here, so no Python code of buttress runs per call.
 
+use crate::args::optional_callable;
 use crate::breaker::{
     Admission, Breaker, BreakerConfig, Metrics, Outcome, Permit, State, Transitions, WindowKind,
 };
-use crate::clock::{nanos_to_seconds, Clock};
-use crate::clock_py::{parse_seconds, ManualClock};
+use crate::clock::nanos_to_seconds;
+use crate::clock_py::{parse_clock, parse_seconds, ManualClock};
 use crate::errors::{circuit_open_error, Error};
 use pyo3::exceptions::PyBaseException;
 use pyo3::ffi;
@@ -83,22 +84,6 @@ fn exception_classes<'py>(
         }
     }
     PyTuple::new(py, items)
-}
-
-fn optional_callable(
-    argument: &'static str,
-    value: Option<Bound<'_, PyAny>>,
-) -> PyResult<Option<Py<PyAny>>> {
-    match value {
-        None => Ok(None),
-        Some(value) if value.is_none() => Ok(None),
-        Some(value) if value.is_callable() => Ok(Some(value.unbind())),
-        Some(value) => Err(Error::wrong_type(
-            argument,
-            format!("{argument} must be callable (got {}).", value.repr()?),
-        )
-        .into()),
-    }
 }
 
 mod extract {
@@ -432,23 +417,7 @@ impl CircuitBreaker {
             half_open_max_calls,
             success_threshold,
         };
-        let (clock, core_clock) = match clock {
-            None => (None, Clock::monotonic()),
-            Some(clock) if clock.is_none() => (None, Clock::monotonic()),
-            Some(clock) => match clock.cast::<ManualClock>() {
-                Ok(manual) => (Some(manual.clone().unbind()), manual.get().clock()),
-                Err(_) => {
-                    return Err(Error::wrong_type(
-                        "clock",
-                        format!(
-                            "clock must be a buttress.ManualClock or None (got {}).",
-                            clock.repr()?
-                        ),
-                    )
-                    .into())
-                }
-            },
-        };
+        let (clock, core_clock) = parse_clock(clock)?;
         let exception = py.get_type::<pyo3::exceptions::PyException>();
         let record_exceptions = exception_classes(
             py,

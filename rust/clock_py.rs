@@ -76,6 +76,28 @@ impl ManualClock {
     }
 }
 
+/// The `clock=` argument: a `ManualClock` (kept, to hand back from a `clock` property) or None
+/// for the monotonic clock.
+pub(crate) fn parse_clock(
+    clock: Option<Bound<'_, PyAny>>,
+) -> PyResult<(Option<Py<ManualClock>>, Clock)> {
+    match clock {
+        None => Ok((None, Clock::monotonic())),
+        Some(clock) if clock.is_none() => Ok((None, Clock::monotonic())),
+        Some(clock) => match clock.cast::<ManualClock>() {
+            Ok(manual) => Ok((Some(manual.clone().unbind()), manual.get().clock())),
+            Err(_) => Err(Error::wrong_type(
+                "clock",
+                format!(
+                    "clock must be a buttress.ManualClock or None (got {}).",
+                    clock.repr()?
+                ),
+            )
+            .into()),
+        },
+    }
+}
+
 impl ManualClock {
     pub(crate) fn clock(&self) -> Clock {
         Clock::Manual(self.time.clone())

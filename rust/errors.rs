@@ -32,6 +32,12 @@ pub enum Error {
         max_concurrent: u32,
         reason: FullReason,
     },
+    /// No connection came within the caller's timeout.
+    PoolTimeout { name: String, timeout_seconds: f64 },
+    /// `max_waiting` callers were already waiting for a connection.
+    PoolFull { name: String, max_waiting: u32 },
+    /// The pool was closed (before or while the caller waited).
+    PoolClosed { name: String },
     /// A permit's outcome may be recorded once; becomes `RuntimeError`.
     PermitAlreadyRecorded,
     /// An API used out of order (for example `__exit__` without `__enter__`); becomes `RuntimeError`.
@@ -85,6 +91,9 @@ impl fmt::Display for Error {
             Error::BulkheadFull { name, reason, .. } => {
                 write!(f, "bulkhead '{name}' is full ({})", reason.as_str())
             }
+            Error::PoolTimeout { name, .. } => write!(f, "pool '{name}' timed out"),
+            Error::PoolFull { name, .. } => write!(f, "pool '{name}' has too many waiters"),
+            Error::PoolClosed { name } => write!(f, "pool '{name}' is closed"),
             Error::PermitAlreadyRecorded => f.write_str(
                 "This permit's outcome was already recorded; record each permit exactly once.",
             ),
@@ -114,6 +123,9 @@ fn error_class<'py>(
 
 static CIRCUIT_OPEN_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static BULKHEAD_FULL_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static POOL_TIMEOUT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static POOL_FULL_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static POOL_CLOSED_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
 /// `CircuitOpenError(name, retry_after)`; the breaker passes its name as a cached Python string.
 pub fn circuit_open_error(
@@ -152,6 +164,15 @@ pub fn to_py_err(py: Python<'_>, error: Error) -> PyErr {
                 (name.clone(), *max_concurrent, reason.as_str()),
             )
         }),
+        Error::PoolTimeout {
+            name,
+            timeout_seconds,
+        } => error_class(py, &POOL_TIMEOUT_ERROR, "PoolTimeoutError")
+            .map(|class| PyErr::from_type(class.clone(), (name.clone(), *timeout_seconds))),
+        Error::PoolFull { name, max_waiting } => error_class(py, &POOL_FULL_ERROR, "PoolFullError")
+            .map(|class| PyErr::from_type(class.clone(), (name.clone(), *max_waiting))),
+        Error::PoolClosed { name } => error_class(py, &POOL_CLOSED_ERROR, "PoolClosedError")
+            .map(|class| PyErr::from_type(class.clone(), (name.clone(),))),
     };
     built.unwrap_or_else(|import_failure| import_failure)
 }

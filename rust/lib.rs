@@ -1,6 +1,6 @@
 //! buttress: distributed-systems patterns for Python with Rust hot paths.
 //!
-//! Each core is a plain-Rust module with its own unit tests (`breaker`, `bulkhead`, `clock`);
+//! Each core is a plain-Rust module with its own unit tests (`breaker`, `bulkhead`, `pool`, `clock`, `jitter`);
 //! each `*_py` module is the thin PyO3 binding for one core; `errors` maps the crate's one error
 //! type to Python exceptions.
 
@@ -12,6 +12,9 @@ mod bulkhead_py;
 pub mod clock;
 mod clock_py;
 pub mod errors;
+pub mod jitter;
+pub mod pool;
+mod pool_py;
 
 use pyo3::prelude::*;
 
@@ -23,6 +26,8 @@ mod _core {
     use crate::bulkhead_py::{Bulkhead, BulkheadStats, BulkheadWaiter};
     #[pymodule_export]
     use crate::clock_py::ManualClock;
+    #[pymodule_export]
+    use crate::pool_py::{ConnectionPool, PoolLease, PoolStats, PoolWaiter};
 
     #[pymodule_init]
     fn init(module: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {

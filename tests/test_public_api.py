@@ -199,6 +199,10 @@ def test_every_buttress_exception_is_a_buttress_error() -> None:
         buttress.ButtressError,
         buttress.CircuitOpenError,
         buttress.BulkheadFullError,
+        buttress.PoolError,
+        buttress.PoolTimeoutError,
+        buttress.PoolFullError,
+        buttress.PoolClosedError,
     }
     for exception in exceptions:
         assert issubclass(exception, buttress.ButtressError)
@@ -217,6 +221,16 @@ def test_errors_raised_by_the_cores_are_the_python_classes() -> None:
     with pytest.raises(buttress.ButtressError) as caught:
         bulkhead.acquire()
     assert type(caught.value) is buttress.BulkheadFullError
+    pool = buttress.ConnectionPool(object, max_size=1, max_waiting=1)
+    held = pool.acquire()
+    with pytest.raises(buttress.PoolError) as caught:
+        pool.acquire(timeout=0)
+    assert type(caught.value) is buttress.PoolTimeoutError
+    pool.close(timeout=0)
+    with pytest.raises(buttress.ButtressError) as caught:
+        pool.acquire()
+    assert type(caught.value) is buttress.PoolClosedError
+    pool.release(held)
 
 
 # ---- typing files ------------------------------------------------------------------------

@@ -8,8 +8,17 @@
 
 from buttress import _core
 from buttress._core import ManualClock
-from buttress.errors import BulkheadFullError, ButtressError, CircuitOpenError
+from buttress.errors import (
+    BulkheadFullError,
+    ButtressError,
+    CircuitOpenError,
+    PoolClosedError,
+    PoolError,
+    PoolFullError,
+    PoolTimeoutError,
+)
 from buttress.lazy import AsyncLazy, AsyncLazyCollection, Lazy, LazyCollection, lazy_property
+from buttress.pool import ConnectionPool, PoolLease, PoolStats
 from buttress.resilience import (
     BreakerMetrics,
     Bulkhead,
@@ -35,9 +44,16 @@ __all__ = [
     "CircuitOpenError",
     "CircuitPermit",
     "CircuitState",
+    "ConnectionPool",
     "Lazy",
     "LazyCollection",
     "ManualClock",
+    "PoolClosedError",
+    "PoolError",
+    "PoolFullError",
+    "PoolLease",
+    "PoolStats",
+    "PoolTimeoutError",
     "__version__",
     "lazy_property",
 ]

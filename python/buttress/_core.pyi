@@ -1,8 +1,8 @@
 """Types of the Rust extension module; `python -m mypy.stubtest buttress._core` keeps them true."""
 
-from collections.abc import Callable
-from types import TracebackType
-from typing import Any, Final, final
+from collections.abc import Awaitable, Callable
+from types import GenericAlias, TracebackType
+from typing import Any, Final, Generic, TypeVar, final
 
 from typing_extensions import disjoint_base
 
@@ -16,11 +16,17 @@ __all__ = [
     "BulkheadWaiter",
     "CircuitBreaker",
     "CircuitPermit",
+    "ConnectionPool",
     "ManualClock",
+    "PoolLease",
+    "PoolStats",
+    "PoolWaiter",
     "__version__",
 ]
 
 __version__: Final[str]
+
+_C = TypeVar("_C")
 
 @final
 class ManualClock:
@@ -244,3 +250,150 @@ class BulkheadStats:
     def rejected(self) -> int: ...
     @property
     def timed_out(self) -> int: ...
+
+@disjoint_base
+class ConnectionPool(Generic[_C]):
+    """A pool of connections made by `create`, generic over what it makes."""
+
+    def __new__(
+        cls,
+        create: Callable[[], _C],
+        *,
+        close: Callable[[_C], object] | None = None,
+        check: Callable[[_C], object] | None = None,
+        reset: Callable[[_C], object] | None = None,
+        is_broken: Callable[[_C, BaseException], object] | None = None,
+        name: str = "pool",
+        min_size: int = 0,
+        max_size: int = 10,
+        timeout: float | None = 30.0,
+        max_waiting: int = 0,
+        max_lifetime: float | None = None,
+        lifetime_jitter: float = 0.1,
+        max_idle: float | None = None,
+        check_interval: float = 0.5,
+        leak_threshold: float | None = None,
+        clock: ManualClock | None = None,
+    ) -> ConnectionPool[_C]: ...
+    def __class_getitem__(cls, key: Any) -> GenericAlias: ...
+    def acquire(self, timeout: float | None = None) -> _C:
+        """Checks out a connection, waiting up to `timeout` seconds (default: the pool's)."""
+    def release(self, conn: _C, *, broken: bool = False) -> None:
+        """Returns a connection taken with `acquire`; `broken=True` closes it instead."""
+    def connection(self, timeout: float | None = None) -> PoolLease[_C]:
+        """A context manager that checks out a connection and always returns it."""
+    def _enqueue(
+        self, wake: Callable[[], object], may_wait: bool
+    ) -> tuple[_C, int] | PoolWaiter | None: ...
+    def _claim(self, waiter: PoolWaiter) -> tuple[_C, int] | None: ...
+    def _leave(self, waiter: PoolWaiter, timed_out: bool) -> bool: ...
+    def _give_back(
+        self, conn: _C, lease: int, *, broken: bool = False, suspect: bool = False
+    ) -> None: ...
+    def _housekeep(self) -> float | None: ...
+    def _wait_for_attention(self, seconds: float) -> None: ...
+    def resize(self, min_size: int | None = None, max_size: int | None = None) -> None:
+        """Changes the pool's sizes."""
+    def close(self, timeout: float | None = 5.0) -> bool:
+        """Closes the pool; returns whether every borrowed connection came back in time."""
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def min_size(self) -> int: ...
+    @property
+    def max_size(self) -> int: ...
+    @property
+    def timeout(self) -> float | None: ...
+    @property
+    def max_waiting(self) -> int: ...
+    @property
+    def leak_threshold(self) -> float | None: ...
+    @property
+    def _needs_housekeeping(self) -> bool: ...
+    @property
+    def clock(self) -> ManualClock | None: ...
+    def stats(self) -> PoolStats:
+        """A snapshot of the pool's sizes and lifetime counts."""
+    def __enter__(self) -> ConnectionPool[_C]: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+        /,
+    ) -> bool: ...
+
+@final
+class PoolLease(Generic[_C]):
+    """Holds one checkout of a pool for a `with` or `async with` block."""
+
+    def __class_getitem__(cls, key: Any) -> GenericAlias: ...
+    @property
+    def pool(self) -> ConnectionPool[_C]: ...
+    @property
+    def timeout(self) -> float | None: ...
+    def __enter__(self) -> _C: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+        /,
+    ) -> bool: ...
+    def _hold(self, conn: _C, lease: int) -> None: ...
+    def __aenter__(self) -> Awaitable[_C]: ...
+    def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+        /,
+    ) -> Awaitable[bool]: ...
+
+@final
+class PoolWaiter:
+    """A queued asyncio caller of a pool."""
+
+    @property
+    def granted(self) -> bool: ...
+
+@final
+class PoolStats:
+    """A snapshot of a connection pool."""
+
+    @property
+    def min_size(self) -> int: ...
+    @property
+    def max_size(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def idle(self) -> int: ...
+    @property
+    def in_use(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def requests(self) -> int: ...
+    @property
+    def created(self) -> int: ...
+    @property
+    def closed(self) -> int: ...
+    @property
+    def broken(self) -> int: ...
+    @property
+    def create_failures(self) -> int: ...
+    @property
+    def timeouts(self) -> int: ...
+    @property
+    def rejected(self) -> int: ...
+    @property
+    def waits(self) -> int: ...
+    @property
+    def total_wait(self) -> float: ...
+    @property
+    def max_wait(self) -> float: ...
+    @property
+    def leaks(self) -> int: ...

@@ -6,6 +6,10 @@ __all__ = [
     "BulkheadFullError",
     "ButtressError",
     "CircuitOpenError",
+    "PoolClosedError",
+    "PoolError",
+    "PoolFullError",
+    "PoolTimeoutError",
 ]
 
 
@@ -88,3 +92,66 @@ class BulkheadFullError(ButtressError):
             f"Bulkhead '{self.name}' is full: all {self.max_concurrent} permits are taken "
             "and no more callers may wait."
         )
+
+
+class PoolError(ButtressError):
+    """A connection pool could not lend a connection; ``name`` is the pool's name."""
+
+    @property
+    def name(self) -> str:
+        """The name of the pool."""
+        return str(self.args[0])
+
+
+class PoolTimeoutError(PoolError):
+    """No connection came within the caller's timeout.
+
+    Raised as ``PoolTimeoutError(name, timeout)``; ``timeout`` is the wait in seconds.
+
+    >>> str(PoolTimeoutError("db", 2.0)).split(";")[0]
+    "Pool 'db' lent no connection within 2.000 seconds"
+    """
+
+    @property
+    def timeout(self) -> float:
+        """How long the caller waited, in seconds."""
+        return float(self.args[1])
+
+    def __str__(self) -> str:
+        if self.timeout == 0.0:
+            return (
+                f"Pool '{self.name}' had no free connection and the caller could not wait. "
+                "Pass a timeout to wait for one."
+            )
+        return (
+            f"Pool '{self.name}' lent no connection within {self.timeout:.3f} seconds; every "
+            "connection stayed in use. Raise max_size, return connections sooner, or wait longer."
+        )
+
+
+class PoolFullError(PoolError):
+    """Too many callers were already waiting for a connection.
+
+    Raised as ``PoolFullError(name, max_waiting)``.
+    """
+
+    @property
+    def max_waiting(self) -> int:
+        """How many callers may wait at once."""
+        return int(self.args[1])
+
+    def __str__(self) -> str:
+        return (
+            f"Pool '{self.name}' already has {self.max_waiting} callers waiting for a "
+            "connection, the most it allows (max_waiting); try again later."
+        )
+
+
+class PoolClosedError(PoolError):
+    """The pool was closed before or while the caller waited.
+
+    Raised as ``PoolClosedError(name)``.
+    """
+
+    def __str__(self) -> str:
+        return f"Pool '{self.name}' is closed; it lends no more connections."

@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
 from buttress import _core
+from buttress._waiting import await_turn, resolve
 from buttress.errors import BulkheadFullError
 from buttress.resilience._decorate import decorate
 
@@ -20,21 +21,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 BulkheadStats = _core.BulkheadStats
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    # The waiter may have been cancelled or timed out between hand-off and this callback.
-    if not future.done():
-        future.set_result(None)
-
-
-class _WaitExpired(Exception):
-    """The longest wait allowed passed (internal; surfaces as BulkheadFullError)."""
-
-
-def _expire(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_exception(_WaitExpired())
 
 
 class Bulkhead(_core.Bulkhead):
@@ -77,27 +63,20 @@ class Bulkhead(_core.Bulkhead):
         loop = asyncio.get_running_loop()
         granted: asyncio.Future[None] = loop.create_future()
         waiter = self._enqueue(
-            functools.partial(loop.call_soon_threadsafe, _resolve, granted), timeout
+            functools.partial(loop.call_soon_threadsafe, resolve, granted), timeout
         )
         if waiter is None:
             return
         wait = timeout if timeout is not None else self.max_wait
-        # An own timer rather than asyncio.wait_for: before Python 3.12, wait_for can swallow a
-        # cancellation that arrives just as the future completes.
-        timer = None if wait is None else loop.call_later(wait, _expire, granted)
-        try:
-            await granted
-        except _WaitExpired:
-            if self._abandon(waiter, True):
-                return  # handed over just as the wait ran out
-            raise BulkheadFullError(self.name, self.max_concurrent, "timeout") from None
-        except BaseException:
-            if self._abandon(waiter, False):
-                self.release()
-            raise
-        finally:
-            if timer is not None:
-                timer.cancel()
+
+        def leave(timed_out: bool) -> bool:
+            served: bool = self._abandon(waiter, timed_out)
+            if served and not timed_out:
+                self.release()  # handed over just as the caller was cancelled
+            return served
+
+        if not await await_turn(granted, wait, leave):
+            raise BulkheadFullError(self.name, self.max_concurrent, "timeout")
 
     async def call_async(
         self, func: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs

@@ -1,0 +1,928 @@
+//! Python binding of the connection pool core.
+//!
+//! Checkout and checkin are one call each and keep the GIL unless the caller must wait; the
+//! user's callbacks (`create`, `check`, `reset`, `close`, `is_broken`) run here, outside the
+//! core's lock. Problems that must not reach the caller (a failing reset or close, a leak) go
+//! to `buttress.pool`'s reporters, which log them.
+
+use crate::args::{callable, optional_callable};
+use crate::clock::nanos_to_seconds;
+use crate::clock_py::{parse_clock, parse_seconds, ManualClock};
+use crate::errors::Error;
+use crate::pool::{Connection, Enqueued, Leave, Outcome, Pool, PoolConfig, WaitSlice, Waiter};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBool, PyTuple};
+use pyo3::{PyTraverseError, PyVisit};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a blocked thread sleeps with the GIL released before it looks for signals.
+const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+
+/// A pooled Python object; its address is its identity while the pool holds it.
+pub struct PyConnection(Py<PyAny>);
+
+impl Connection for PyConnection {
+    fn identity(&self) -> usize {
+        self.0.as_ptr() as usize
+    }
+}
+
+fn identity_of(conn: &Bound<'_, PyAny>) -> usize {
+    conn.as_ptr() as usize
+}
+
+type Core = Pool<PyConnection, Py<PyAny>>;
+
+/// A checked-out connection and the lease it was lent under.
+type Held = (Py<PyAny>, u64);
+
+mod extract {
+    crate::args::extractors! {
+        name: text "name",
+        min_size: count0 "min_size",
+        max_size: count1 "max_size",
+        optional_min_size: optional_count0 "min_size",
+        optional_max_size: optional_count1 "max_size",
+        max_waiting: count0 "max_waiting",
+        timeout: optional_number "timeout",
+        max_lifetime: optional_number "max_lifetime",
+        lifetime_jitter: number "lifetime_jitter",
+        max_idle: optional_number "max_idle",
+        check_interval: number "check_interval",
+        leak_threshold: optional_number "leak_threshold",
+    }
+}
+
+fn optional_nanos(argument: &'static str, seconds: Option<f64>) -> Result<Option<u64>, Error> {
+    seconds
+        .map(|seconds| parse_seconds(argument, seconds))
+        .transpose()
+}
+
+fn optional_duration(
+    argument: &'static str,
+    seconds: Option<f64>,
+) -> Result<Option<Duration>, Error> {
+    optional_nanos(argument, seconds).map(|nanos| nanos.map(Duration::from_nanos))
+}
+
+/// The reporters and helpers of `buttress.pool`, looked up on first use (only slow paths).
+fn helper<'py>(
+    py: Python<'py>,
+    cell: &'static PyOnceLock<Py<PyAny>>,
+    name: &'static str,
+) -> PyResult<Bound<'py, PyAny>> {
+    cell.get_or_try_init(py, || {
+        Ok::<_, PyErr>(py.import("buttress.pool")?.getattr(name)?.unbind())
+    })
+    .map(|function| function.bind(py).clone())
+}
+
+static REPORT_PROBLEM: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static REPORT_LEAK: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static CAPTURE_STACK: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static LEASE_AENTER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static LEASE_AEXIT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// A pool of connections made by `create`, generic over what it makes.
+///
+/// Waiters are served first come, first served; idle connections are reused newest first.
+/// `check` runs on checkout unless the connection was used within `check_interval` seconds;
+/// `reset` runs on return; a connection that fails either is closed and replaced.
+#[pyclass(frozen, subclass, weakref, generic, module = "buttress._core")]
+pub struct ConnectionPool {
+    core: Core,
+    create: Py<PyAny>,
+    close: Option<Py<PyAny>>,
+    check: Option<Py<PyAny>>,
+    reset: Option<Py<PyAny>>,
+    is_broken: Option<Py<PyAny>>,
+    clock: Option<Py<ManualClock>>,
+}
+
+impl ConnectionPool {
+    fn report_problem(&self, py: Python<'_>, event: &str, conn: &Bound<'_, PyAny>, error: PyErr) {
+        let reported = helper(py, &REPORT_PROBLEM, "_report_problem")
+            .and_then(|report| report.call1((event, self.core.name(), conn, error.value(py))));
+        if let Err(failure) = reported {
+            failure.write_unraisable(py, Some(conn));
+        }
+    }
+
+    /// Closes connections the core retired, with the user's `close` (or the object's own
+    /// `close()` method when it has one). A failing close is reported, never raised.
+    fn close_retired(&self, py: Python<'_>, retired: Vec<PyConnection>) {
+        for PyConnection(conn) in retired {
+            let conn = conn.into_bound(py);
+            let closed = match &self.close {
+                Some(close) => close.call1(py, (&conn,)).map(drop),
+                None => match conn.getattr(pyo3::intern!(py, "close")) {
+                    Ok(method) => method.call0().map(drop),
+                    Err(_) => Ok(()),
+                },
+            };
+            if let Err(error) = closed {
+                self.report_problem(py, "close", &conn, error);
+            }
+        }
+    }
+
+    fn capture_stack(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.core.config().leak_threshold_nanos?;
+        match helper(py, &CAPTURE_STACK, "_capture_stack").and_then(|capture| capture.call0()) {
+            Ok(stack) => Some(stack.unbind()),
+            Err(error) => {
+                error.write_unraisable(py, None);
+                None
+            }
+        }
+    }
+
+    fn lent(&self, py: Python<'_>, conn: Py<PyAny>, lease: u64) -> Held {
+        if let Some(stack) = self.capture_stack(py) {
+            self.core.attach_trace(conn.as_ptr() as usize, lease, stack);
+        }
+        (conn, lease)
+    }
+
+    /// Turns a checkout's outcome into a connection: checks an idle one when it is due,
+    /// creates one in a reserved slot. `None` means the connection failed its check (it was
+    /// closed and its slot freed) and the caller should check out again.
+    fn finish(&self, py: Python<'_>, outcome: Outcome<Py<PyAny>>) -> PyResult<Option<Held>> {
+        match outcome {
+            Outcome::Ready {
+                value,
+                lease,
+                needs_check,
+            } => {
+                if let (true, Some(check)) = (needs_check, &self.check) {
+                    let conn = value.bind(py);
+                    let healthy = match check.call1(py, (conn,)) {
+                        Ok(verdict) => !verdict.bind(py).is(PyBool::new(py, false)),
+                        Err(error) => {
+                            self.report_problem(py, "check", conn, error);
+                            false
+                        }
+                    };
+                    if !healthy {
+                        let mut retired = Vec::new();
+                        self.core.checkin(
+                            identity_of(conn),
+                            Some(lease),
+                            true,
+                            false,
+                            &mut retired,
+                        )?;
+                        self.close_retired(py, retired);
+                        return Ok(None);
+                    }
+                }
+                Ok(Some(self.lent(py, value, lease)))
+            }
+            Outcome::Create => {
+                let conn = match self.create.call0(py) {
+                    Ok(conn) if conn.is_none(py) => {
+                        self.core.cancel_create();
+                        return Err(Error::wrong_type(
+                            "create",
+                            "create returned None; it must return a new connection.",
+                        )
+                        .into());
+                    }
+                    Ok(conn) => conn,
+                    Err(error) => {
+                        self.core.cancel_create();
+                        return Err(error);
+                    }
+                };
+                match self.core.admit(PyConnection(conn.clone_ref(py))) {
+                    Ok(lease) => Ok(Some(self.lent(py, conn, lease))),
+                    Err((error, retired)) => {
+                        self.close_retired(py, vec![retired]);
+                        Err(error.into())
+                    }
+                }
+            }
+        }
+    }
+
+    fn effective_timeout(&self, timeout: Option<f64>) -> PyResult<Option<Duration>> {
+        Ok(optional_duration("timeout", timeout)?.or(self.core.config().timeout))
+    }
+
+    /// Checks out a connection, blocking (GIL released, signals checked) up to `timeout`.
+    fn checkout(&self, py: Python<'_>, timeout: Option<Duration>) -> PyResult<Held> {
+        let deadline = timeout.and_then(|timeout| Instant::now().checked_add(timeout));
+        loop {
+            let remaining = match (timeout, deadline) {
+                (None, _) => None,
+                (Some(_), Some(deadline)) => {
+                    Some(deadline.saturating_duration_since(Instant::now()))
+                }
+                (Some(timeout), None) => Some(timeout),
+            };
+            let mut retired = Vec::new();
+            let pause = |wait: &WaitSlice<'_>| -> PyResult<bool> {
+                if py.detach(|| wait(SIGNAL_CHECK_INTERVAL)) {
+                    return Ok(true);
+                }
+                py.check_signals().map(|()| false)
+            };
+            let outcome = self.core.checkout_with(
+                remaining.or(Some(Duration::MAX)),
+                |conn| conn.0.clone_ref(py),
+                &mut retired,
+                pause,
+            );
+            if !retired.is_empty() {
+                self.close_retired(py, retired);
+            }
+            let outcome = match outcome? {
+                Ok(outcome) => outcome,
+                // Report the timeout the caller asked for, not what was left of it on a retry.
+                Err(Error::PoolTimeout { name, .. }) => {
+                    return Err(Error::PoolTimeout {
+                        name,
+                        timeout_seconds: timeout.map_or(0.0, |timeout| timeout.as_secs_f64()),
+                    }
+                    .into())
+                }
+                Err(error) => return Err(error.into()),
+            };
+            if let Some(held) = self.finish(py, outcome)? {
+                return Ok(held);
+            }
+        }
+    }
+
+    /// Returns a connection: resets it (when a reset is set and it is not broken), then gives
+    /// it back to the pool, which hands it to the longest waiter or keeps it idle.
+    fn give_back(
+        &self,
+        py: Python<'_>,
+        conn: &Bound<'_, PyAny>,
+        lease: Option<u64>,
+        broken: bool,
+        suspect: bool,
+    ) -> PyResult<()> {
+        let identity = identity_of(conn);
+        let mut retired = Vec::new();
+        match (&self.reset, broken) {
+            (Some(reset), false) => {
+                let returning = self.core.take_back(identity, lease)?;
+                let reset_failed = match reset.call1(py, (conn,)) {
+                    Ok(_) => false,
+                    Err(error) => {
+                        self.report_problem(py, "reset", conn, error);
+                        true
+                    }
+                };
+                self.core
+                    .put_back(returning, reset_failed, suspect, &mut retired);
+            }
+            _ => {
+                self.core
+                    .checkin(identity, lease, broken, suspect, &mut retired)?;
+            }
+        }
+        if !retired.is_empty() {
+            self.close_retired(py, retired);
+        }
+        Ok(())
+    }
+
+    /// Whether the error a borrower's block ended with means the connection is broken.
+    fn broken_by(&self, py: Python<'_>, conn: &Bound<'_, PyAny>, error: &Bound<'_, PyAny>) -> bool {
+        let Some(is_broken) = &self.is_broken else {
+            return false;
+        };
+        match is_broken.call1(py, (conn, error)) {
+            Ok(verdict) => verdict.bind(py).is_truthy().unwrap_or(true),
+            Err(failure) => {
+                self.report_problem(py, "is_broken", conn, failure);
+                true
+            }
+        }
+    }
+
+    fn held_to_python<'py>(py: Python<'py>, held: Held) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(
+            py,
+            [held.0.into_bound(py), held.1.into_pyobject(py)?.into_any()],
+        )
+    }
+}
+
+#[pymethods]
+impl ConnectionPool {
+    #[new]
+    #[pyo3(signature = (
+        create, *, close = None, check = None, reset = None, is_broken = None,
+        name = "pool".to_owned(), min_size = 0, max_size = 10, timeout = Some(30.0),
+        max_waiting = 0, max_lifetime = None, lifetime_jitter = 0.1, max_idle = None,
+        check_interval = 0.5, leak_threshold = None, clock = None
+    ))]
+    #[pyo3(
+        text_signature = "(create, *, close=None, check=None, reset=None, is_broken=None, name='pool', min_size=0, max_size=10, timeout=30.0, max_waiting=0, max_lifetime=None, lifetime_jitter=0.1, max_idle=None, check_interval=0.5, leak_threshold=None, clock=None)"
+    )]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        create: Bound<'_, PyAny>,
+        close: Option<Bound<'_, PyAny>>,
+        check: Option<Bound<'_, PyAny>>,
+        reset: Option<Bound<'_, PyAny>>,
+        is_broken: Option<Bound<'_, PyAny>>,
+        #[pyo3(from_py_with = extract::name)] name: String,
+        #[pyo3(from_py_with = extract::min_size)] min_size: u32,
+        #[pyo3(from_py_with = extract::max_size)] max_size: u32,
+        #[pyo3(from_py_with = extract::timeout)] timeout: Option<f64>,
+        #[pyo3(from_py_with = extract::max_waiting)] max_waiting: u32,
+        #[pyo3(from_py_with = extract::max_lifetime)] max_lifetime: Option<f64>,
+        #[pyo3(from_py_with = extract::lifetime_jitter)] lifetime_jitter: f64,
+        #[pyo3(from_py_with = extract::max_idle)] max_idle: Option<f64>,
+        #[pyo3(from_py_with = extract::check_interval)] check_interval: f64,
+        #[pyo3(from_py_with = extract::leak_threshold)] leak_threshold: Option<f64>,
+        clock: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let create = callable("create", create)?;
+        let close = optional_callable("close", close)?;
+        let check = optional_callable("check", check)?;
+        let reset = optional_callable("reset", reset)?;
+        let is_broken = optional_callable("is_broken", is_broken)?;
+        let (clock, core_clock) = parse_clock(clock)?;
+        let config = PoolConfig {
+            min_size,
+            max_size,
+            max_waiting,
+            timeout: optional_duration("timeout", timeout)?,
+            max_lifetime_nanos: optional_nanos("max_lifetime", max_lifetime)?,
+            lifetime_jitter,
+            max_idle_nanos: optional_nanos("max_idle", max_idle)?,
+            check_interval_nanos: parse_seconds("check_interval", check_interval)?,
+            leak_threshold_nanos: optional_nanos("leak_threshold", leak_threshold)?,
+        };
+        Ok(ConnectionPool {
+            core: Pool::new(name, config, core_clock)?,
+            create,
+            close,
+            check,
+            reset,
+            is_broken,
+            clock,
+        })
+    }
+
+    /// Checks out a connection, waiting up to `timeout` seconds (default: the pool's timeout;
+    /// None waits as long as it takes). Return it with `release(conn)`.
+    ///
+    /// Raises `PoolTimeoutError` when none came in time, `PoolFullError` when `max_waiting`
+    /// callers already wait, `PoolClosedError` once the pool is closed, and whatever `create`
+    /// raised when a new connection could not be made.
+    #[pyo3(signature = (timeout = None))]
+    fn acquire(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = extract::timeout)] timeout: Option<f64>,
+    ) -> PyResult<Py<PyAny>> {
+        let timeout = self.effective_timeout(timeout)?;
+        self.checkout(py, timeout).map(|(conn, _)| conn)
+    }
+
+    /// Returns a connection taken with `acquire`. `broken=True` closes it instead (its slot
+    /// is refilled). Returning one twice, or one the pool did not lend, raises `ValueError`.
+    #[pyo3(signature = (conn, *, broken = false))]
+    fn release(&self, conn: &Bound<'_, PyAny>, broken: bool) -> PyResult<()> {
+        self.give_back(conn.py(), conn, None, broken, false)
+    }
+
+    /// A context manager that checks out a connection on entry and always returns it on exit,
+    /// also on exceptions and cancellation; works with `with` and `async with`.
+    #[pyo3(signature = (timeout = None))]
+    fn connection(
+        slf: &Bound<'_, Self>,
+        #[pyo3(from_py_with = extract::timeout)] timeout: Option<f64>,
+    ) -> PyResult<PoolLease> {
+        Ok(PoolLease {
+            pool: slf.clone().unbind(),
+            timeout: slf.get().effective_timeout(timeout)?,
+            held: Mutex::new(None),
+        })
+    }
+
+    /// For the asyncio twin: a `(conn, lease)` pair now, a `PoolWaiter` whose `wake()` is
+    /// called once something was handed to it, or None when an idle connection failed its
+    /// check (ask again).
+    /// With `may_wait` false it never queues: no free connection raises `PoolTimeoutError`.
+    #[pyo3(signature = (wake, may_wait))]
+    fn _enqueue<'py>(
+        &self,
+        py: Python<'py>,
+        wake: Py<PyAny>,
+        may_wait: bool,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let mut retired = Vec::new();
+        let enqueued = if may_wait {
+            let wake = Box::new(move || {
+                Python::attach(|py| {
+                    if let Err(error) = wake.call0(py) {
+                        error.write_unraisable(py, None);
+                    }
+                })
+            });
+            self.core
+                .enqueue(wake, |conn| conn.0.clone_ref(py), &mut retired)
+        } else {
+            self.core
+                .try_checkout(|conn| conn.0.clone_ref(py), &mut retired)
+                .and_then(|outcome| {
+                    outcome
+                        .map(Enqueued::Now)
+                        .ok_or_else(|| Error::PoolTimeout {
+                            name: self.core.name().to_owned(),
+                            timeout_seconds: 0.0,
+                        })
+                })
+        };
+        if !retired.is_empty() {
+            self.close_retired(py, retired);
+        }
+        match enqueued? {
+            Enqueued::Now(outcome) => match self.finish(py, outcome)? {
+                Some(held) => Ok(Some(Self::held_to_python(py, held)?.into_any())),
+                None => Ok(None),
+            },
+            Enqueued::Waiting(waiter) => {
+                Ok(Some(Bound::new(py, PoolWaiter { waiter })?.into_any()))
+            }
+        }
+    }
+
+    /// For the asyncio twin: what was handed to a woken waiter, as `(conn, lease)`, or None
+    /// when it failed its check (ask again).
+    fn _claim<'py>(
+        &self,
+        py: Python<'py>,
+        waiter: &PoolWaiter,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let outcome = self
+            .core
+            .claim(&waiter.waiter, |conn| conn.0.clone_ref(py))?;
+        match self.finish(py, outcome)? {
+            Some(held) => Self::held_to_python(py, held).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// For the asyncio twin: leaves the queue. True when the wait timed out just as something
+    /// was handed over (claim it then); a cancelled waiter's grant is passed on.
+    fn _leave(&self, py: Python<'_>, waiter: &PoolWaiter, timed_out: bool) -> bool {
+        let why = if timed_out {
+            Leave::TimedOut
+        } else {
+            Leave::Cancelled
+        };
+        let mut retired = Vec::new();
+        let claim = self.core.leave(&waiter.waiter, why, &mut retired);
+        self.close_retired(py, retired);
+        claim
+    }
+
+    /// Returns a connection lent under `lease` (internal: leases and the asyncio twin).
+    #[pyo3(signature = (conn, lease, *, broken = false, suspect = false))]
+    fn _give_back(
+        &self,
+        conn: &Bound<'_, PyAny>,
+        lease: u64,
+        broken: bool,
+        suspect: bool,
+    ) -> PyResult<()> {
+        self.give_back(conn.py(), conn, Some(lease), broken, suspect)
+    }
+
+    /// One round of housekeeping: closes idle connections past their lifetime or idle limit,
+    /// reports leaks, and creates connections up to `min_size`. Returns the seconds until the
+    /// next round could have work, or None when only a change in the pool could bring some.
+    fn _housekeep(&self, py: Python<'_>) -> PyResult<Option<f64>> {
+        let mut retired = Vec::new();
+        let work = self
+            .core
+            .housekeep(|conn| conn.0.clone_ref(py), &mut retired);
+        self.close_retired(py, retired);
+        for leak in work.leaks {
+            let report = helper(py, &REPORT_LEAK, "_report_leak")?;
+            if let Err(error) = report.call1((
+                self.core.name(),
+                leak.connection,
+                nanos_to_seconds(leak.held_nanos),
+                leak.trace,
+            )) {
+                error.write_unraisable(py, None);
+            }
+        }
+        for _ in 0..work.to_create {
+            match self.create.call0(py) {
+                Ok(conn) if !conn.is_none(py) => {
+                    let mut retired = Vec::new();
+                    self.core.admit_idle(PyConnection(conn), &mut retired);
+                    self.close_retired(py, retired);
+                }
+                Ok(_) => {
+                    self.core.cancel_create();
+                    let error = Error::wrong_type(
+                        "create",
+                        "create returned None; it must return a new connection.",
+                    );
+                    self.report_problem(py, "create", py.None().bind(py), error.into());
+                }
+                Err(error) => {
+                    self.core.cancel_create();
+                    self.report_problem(py, "create", py.None().bind(py), error);
+                }
+            }
+        }
+        let now = self.core.clock().now_nanos();
+        Ok(self
+            .core
+            .next_housekeeping()
+            .map(|next| nanos_to_seconds(next.saturating_sub(now))))
+    }
+
+    /// Sleeps with the GIL released until the pool needs housekeeping or `seconds` pass.
+    fn _wait_for_attention(&self, py: Python<'_>, seconds: f64) -> PyResult<()> {
+        let slice = Duration::from_nanos(parse_seconds("seconds", seconds)?);
+        py.detach(|| self.core.wait_for_attention(slice));
+        Ok(())
+    }
+
+    /// Changes the pool's sizes. Idle connections past the new `max_size` close at once,
+    /// borrowed ones when they come back; new room goes to waiters first.
+    #[pyo3(signature = (min_size = None, max_size = None))]
+    fn resize(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = extract::optional_min_size)] min_size: Option<u32>,
+        #[pyo3(from_py_with = extract::optional_max_size)] max_size: Option<u32>,
+    ) -> PyResult<()> {
+        let stats = self.core.stats();
+        let mut retired = Vec::new();
+        let resized = self.core.resize(
+            min_size.unwrap_or(stats.min_size),
+            max_size.unwrap_or(stats.max_size),
+            &mut retired,
+        );
+        self.close_retired(py, retired);
+        Ok(resized?)
+    }
+
+    /// Closes the pool: idle connections now, borrowed ones as they come back; waiters fail
+    /// with `PoolClosedError`. Waits up to `timeout` seconds (None: as long as it takes) for
+    /// borrowed connections to come back and returns whether all of them did.
+    #[pyo3(signature = (timeout = Some(5.0)))]
+    #[pyo3(text_signature = "(self, timeout=5.0)")]
+    fn close(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = extract::timeout)] timeout: Option<f64>,
+    ) -> PyResult<bool> {
+        let timeout = optional_duration("timeout", timeout)?;
+        let mut retired = Vec::new();
+        self.core.close(&mut retired);
+        self.close_retired(py, retired);
+        let deadline = timeout.and_then(|timeout| Instant::now().checked_add(timeout));
+        loop {
+            let remaining = deadline.map_or(SIGNAL_CHECK_INTERVAL, |deadline| {
+                deadline.saturating_duration_since(Instant::now())
+            });
+            let slice = remaining.min(SIGNAL_CHECK_INTERVAL);
+            if py.detach(|| self.core.wait_drained(slice)) {
+                return Ok(true);
+            }
+            if remaining.is_zero() {
+                return Ok(false);
+            }
+            py.check_signals()?;
+        }
+    }
+
+    /// True once `close()` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.core.is_closed()
+    }
+
+    /// The pool's name, carried by its errors and log records.
+    #[getter]
+    fn name(&self) -> &str {
+        self.core.name()
+    }
+
+    /// Connections kept open even when idle.
+    #[getter]
+    fn min_size(&self) -> u32 {
+        self.core.stats().min_size
+    }
+
+    /// The most connections open at once.
+    #[getter]
+    fn max_size(&self) -> u32 {
+        self.core.stats().max_size
+    }
+
+    /// The default longest wait for a connection, in seconds; None waits as long as it takes.
+    #[getter]
+    fn timeout(&self) -> Option<f64> {
+        self.core
+            .config()
+            .timeout
+            .map(|timeout| timeout.as_secs_f64())
+    }
+
+    /// How many callers may wait at once; 0 means no bound.
+    #[getter]
+    fn max_waiting(&self) -> u32 {
+        self.core.config().max_waiting
+    }
+
+    /// The seconds after which a connection is reported as leaked, or None.
+    #[getter]
+    fn leak_threshold(&self) -> Option<f64> {
+        self.core
+            .config()
+            .leak_threshold_nanos
+            .map(nanos_to_seconds)
+    }
+
+    /// Whether the pool needs a housekeeper thread (sizes, lifetimes, idle limit, leaks).
+    #[getter]
+    fn _needs_housekeeping(&self) -> bool {
+        let config = self.core.config();
+        self.core.stats().min_size > 0
+            || config.max_lifetime_nanos.is_some()
+            || config.max_idle_nanos.is_some()
+            || config.leak_threshold_nanos.is_some()
+    }
+
+    /// The manual clock this pool reads, or None for the monotonic clock.
+    #[getter]
+    fn clock(&self, py: Python<'_>) -> Option<Py<ManualClock>> {
+        self.clock.as_ref().map(|clock| clock.clone_ref(py))
+    }
+
+    /// A snapshot of the pool's sizes and lifetime counts.
+    fn stats(&self) -> PoolStats {
+        let stats = self.core.stats();
+        PoolStats {
+            min_size: stats.min_size,
+            max_size: stats.max_size,
+            size: stats.size,
+            idle: stats.idle,
+            in_use: stats.in_use,
+            waiting: stats.waiting,
+            requests: stats.requests,
+            created: stats.created,
+            closed: stats.closed,
+            broken: stats.broken,
+            create_failures: stats.create_failures,
+            timeouts: stats.timeouts,
+            rejected: stats.rejected,
+            waits: stats.waits,
+            total_wait: nanos_to_seconds(stats.total_wait_nanos),
+            max_wait: nanos_to_seconds(stats.max_wait_nanos),
+            leaks: stats.leaks,
+        }
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (_exc_type, _exc_value, _traceback))]
+    fn __exit__(
+        slf: &Bound<'_, Self>,
+        _exc_type: &Bound<'_, PyAny>,
+        _exc_value: &Bound<'_, PyAny>,
+        _traceback: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        // Through the attribute, so a subclass's close (which stops its housekeeper) runs.
+        slf.call_method0(pyo3::intern!(slf.py(), "close"))?;
+        Ok(false)
+    }
+
+    fn __repr__(&self) -> String {
+        let stats = self.core.stats();
+        format!(
+            "ConnectionPool(name='{}', size={}, idle={}, in_use={}, waiting={}, max_size={}{})",
+            self.core.name(),
+            stats.size,
+            stats.idle,
+            stats.in_use,
+            stats.waiting,
+            stats.max_size,
+            if self.core.is_closed() {
+                ", closed"
+            } else {
+                ""
+            }
+        )
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.create)?;
+        visit.call(&self.close)?;
+        visit.call(&self.check)?;
+        visit.call(&self.reset)?;
+        visit.call(&self.is_broken)?;
+        visit.call(&self.clock)?;
+        self.core.try_visit(|conn| visit.call(&conn.0))?;
+        Ok(())
+    }
+}
+
+/// Holds one checkout of a pool for a `with` or `async with` block.
+///
+/// >>> with pool.connection() as conn:
+/// ...     conn.execute("select 1")
+#[pyclass(frozen, generic, module = "buttress._core")]
+pub struct PoolLease {
+    pool: Py<ConnectionPool>,
+    timeout: Option<Duration>,
+    held: Mutex<Option<Held>>,
+}
+
+impl PoolLease {
+    fn hold(&self, held: Held) -> PyResult<()> {
+        let mut slot = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return Err(Error::Misuse(
+                "This connection() block was entered twice; each `with pool.connection()` \
+                 holds one connection."
+                    .to_owned(),
+            )
+            .into());
+        }
+        *slot = Some(held);
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl PoolLease {
+    /// The pool this lease checks out from.
+    #[getter]
+    fn pool(&self, py: Python<'_>) -> Py<ConnectionPool> {
+        self.pool.clone_ref(py)
+    }
+
+    /// The longest wait for a connection in seconds; None waits as long as it takes.
+    #[getter]
+    fn timeout(&self) -> Option<f64> {
+        self.timeout.map(|timeout| timeout.as_secs_f64())
+    }
+
+    fn __enter__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let pool = self.pool.get();
+        let held = pool.checkout(py, self.timeout)?;
+        let conn = held.0.clone_ref(py);
+        if let Err(error) = self.hold(held) {
+            pool.give_back(py, conn.bind(py), None, false, false)?;
+            return Err(error);
+        }
+        Ok(conn)
+    }
+
+    #[pyo3(signature = (_exc_type, exc_value, _traceback))]
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        _exc_type: &Bound<'_, PyAny>,
+        exc_value: &Bound<'_, PyAny>,
+        _traceback: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some((conn, lease)) = held else {
+            return Err(Error::Misuse(
+                "This connection() block was exited without holding a connection.".to_owned(),
+            )
+            .into());
+        };
+        let pool = self.pool.get();
+        let conn = conn.bind(py);
+        let failed = !exc_value.is_none();
+        let broken = failed && pool.broken_by(py, conn, exc_value);
+        pool.give_back(py, conn, Some(lease), broken, failed)?;
+        Ok(false)
+    }
+
+    /// Records the connection an asynchronous entry checked out (internal).
+    fn _hold(&self, conn: Py<PyAny>, lease: u64) -> PyResult<()> {
+        self.hold((conn, lease))
+    }
+
+    fn __aenter__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        helper(slf.py(), &LEASE_AENTER, "_lease_aenter")?.call1((slf,))
+    }
+
+    #[pyo3(signature = (exc_type, exc_value, traceback))]
+    fn __aexit__<'py>(
+        slf: &Bound<'py, Self>,
+        exc_type: &Bound<'py, PyAny>,
+        exc_value: &Bound<'py, PyAny>,
+        traceback: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        helper(slf.py(), &LEASE_AEXIT, "_lease_aexit")?.call1((slf, exc_type, exc_value, traceback))
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.pool)?;
+        if let Ok(held) = self.held.try_lock() {
+            if let Some((conn, _)) = held.as_ref() {
+                visit.call(conn)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A queued asyncio caller of a pool.
+#[pyclass(frozen, module = "buttress._core")]
+pub struct PoolWaiter {
+    waiter: Arc<Waiter>,
+}
+
+#[pymethods]
+impl PoolWaiter {
+    /// True once a connection or a slot was handed to this waiter.
+    #[getter]
+    fn granted(&self) -> bool {
+        self.waiter.granted()
+    }
+}
+
+/// A snapshot of a connection pool.
+#[pyclass(frozen, get_all, module = "buttress._core")]
+pub struct PoolStats {
+    /// Connections kept open even when idle.
+    min_size: u32,
+    /// The most connections open at once.
+    max_size: u32,
+    /// Open connections: idle, in use, being created or reset.
+    size: u32,
+    /// Connections waiting in the pool to be checked out.
+    idle: u32,
+    /// Connections checked out, being created, or being reset.
+    in_use: u32,
+    /// Callers waiting for a connection.
+    waiting: u32,
+    /// Checkouts asked for since creation.
+    requests: u64,
+    /// Connections created.
+    created: u64,
+    /// Connections closed.
+    closed: u64,
+    /// Connections discarded as broken: a failed check or reset, or a borrower's report.
+    broken: u64,
+    /// Attempts to create a connection that failed.
+    create_failures: u64,
+    /// Callers that waited the longest allowed and got nothing.
+    timeouts: u64,
+    /// Callers refused because `max_waiting` callers already waited.
+    rejected: u64,
+    /// Checkouts that had to wait.
+    waits: u64,
+    /// Seconds spent waiting, summed over every checkout that waited.
+    total_wait: f64,
+    /// The longest any checkout waited, in seconds.
+    max_wait: f64,
+    /// Connections reported as leaked (held past `leak_threshold`).
+    leaks: u64,
+}
+
+#[pymethods]
+impl PoolStats {
+    fn __repr__(&self) -> String {
+        format!(
+            "PoolStats(size={}, idle={}, in_use={}, waiting={}, min_size={}, max_size={}, \
+             requests={}, created={}, closed={}, broken={}, create_failures={}, timeouts={}, \
+             rejected={}, waits={}, total_wait={:.6}, max_wait={:.6}, leaks={})",
+            self.size,
+            self.idle,
+            self.in_use,
+            self.waiting,
+            self.min_size,
+            self.max_size,
+            self.requests,
+            self.created,
+            self.closed,
+            self.broken,
+            self.create_failures,
+            self.timeouts,
+            self.rejected,
+            self.waits,
+            self.total_wait,
+            self.max_wait,
+            self.leaks
+        )
+    }
+}
