@@ -525,8 +525,8 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
         }
     }
 
-    /// Takes a connection, or a slot to create one in, without waiting; `None` when neither is
-    /// free (counted as nothing: the caller decides whether to wait).
+    /// Takes a connection, or a slot to create one in, without waiting; `None` (counted as a
+    /// timeout of a caller that could not wait) when neither is free.
     pub fn try_checkout<R>(
         &self,
         take: impl FnOnce(&C) -> R,
@@ -540,7 +540,12 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
             }
             inner.stats.requests += 1;
             let now = self.clock.now_nanos();
-            self.serve_now_locked(&mut inner, now, &mut Some(take), retired, &mut wake)
+            let served =
+                self.serve_now_locked(&mut inner, now, &mut Some(take), retired, &mut wake);
+            if served.is_none() {
+                inner.stats.timeouts += 1;
+            }
+            served
         };
         Self::run_wakes(wake);
         Ok(outcome)
@@ -746,14 +751,19 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
 
     /// Records a connection the caller created in a reserved slot as borrowed by it.
     /// When the pool closed in the meantime, the connection comes back to be closed.
-    pub fn admit(&self, conn: C) -> std::result::Result<u64, (Error, C)> {
+    pub fn admit(&self, conn: C) -> std::result::Result<u64, (Error, Option<C>)> {
         let mut inner = self.lock();
+        if self.holds_locked(&inner, conn.identity()) {
+            drop(inner);
+            self.free_reserved(1, true);
+            return Err((self.duplicate_error(), None));
+        }
         if inner.closed {
             inner.stats.created += 1;
             let mut wake = Vec::new();
             self.free_slot_locked(&mut inner, &mut wake);
             debug_assert!(wake.is_empty(), "a closed pool grants nothing");
-            return Err((self.closed_error(), conn));
+            return Err((self.closed_error(), Some(conn)));
         }
         let now = self.clock.now_nanos();
         inner.stats.created += 1;
@@ -771,10 +781,15 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
 
     /// Records a connection created in the background: handed to the longest waiter or kept
     /// idle. Retired (into `retired`) when the pool closed in the meantime.
-    pub fn admit_idle(&self, conn: C, retired: &mut Vec<C>) {
+    pub fn admit_idle(&self, conn: C, retired: &mut Vec<C>) -> Result<()> {
         let mut wake = Vec::new();
         {
             let mut inner = self.lock();
+            if self.holds_locked(&inner, conn.identity()) {
+                drop(inner);
+                self.free_reserved(1, true);
+                return Err(self.duplicate_error());
+            }
             let now = self.clock.now_nanos();
             inner.stats.created += 1;
             let entry = Entry {
@@ -786,15 +801,48 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
             self.put_back_locked(&mut inner, entry, retired, &mut wake);
         }
         Self::run_wakes(wake);
+        Ok(())
     }
 
-    /// A reserved slot's connection could not be created: the slot goes to the next waiter.
+    fn holds_locked(&self, inner: &Inner<C, T>, identity: usize) -> bool {
+        inner.borrowed.contains_key(&identity)
+            || inner
+                .idle
+                .iter()
+                .any(|entry| entry.conn.identity() == identity)
+    }
+
+    fn duplicate_error(&self) -> Error {
+        Error::invalid(
+            "create",
+            format!(
+                "create returned a connection pool '{}' already holds; it must return a new \
+                 connection on every call.",
+                self.name
+            ),
+        )
+    }
+
+    /// A reserved slot'sconnection could not be created: the slot goes to the next waiter.
     pub fn cancel_create(&self) {
+        self.free_reserved(1, true);
+    }
+
+    /// Gives back slots reserved by `housekeep` that will not be filled.
+    pub fn unreserve(&self, count: u32) {
+        if count > 0 {
+            self.free_reserved(count, false);
+        }
+    }
+
+    fn free_reserved(&self, count: u32, failed: bool) {
         let mut wake = Vec::new();
         {
             let mut inner = self.lock();
-            inner.stats.create_failures += 1;
-            inner.live -= 1;
+            if failed {
+                inner.stats.create_failures += 1;
+            }
+            inner.live -= count;
             self.grant_slots_locked(&mut inner, &mut wake);
             if inner.closed && inner.live == 0 {
                 self.drained.notify_all();
@@ -1384,11 +1432,11 @@ mod tests {
         let mut retired = Vec::new();
         let work = pool.housekeep(|conn| conn.0, &mut retired);
         assert_eq!(work.to_create, 2);
-        pool.admit_idle(Fake(1), &mut retired);
+        pool.admit_idle(Fake(1), &mut retired).unwrap();
         pool.cancel_create();
         assert_eq!(pool.stats().size, 1);
         assert_eq!(pool.housekeep(|conn| conn.0, &mut retired).to_create, 1);
-        pool.admit_idle(Fake(2), &mut retired);
+        pool.admit_idle(Fake(2), &mut retired).unwrap();
         let (id, _) = borrow(&pool, 9);
         time.advance(10);
         let leaks = pool.housekeep(|conn| conn.0, &mut retired).leaks;
@@ -1621,6 +1669,31 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_factory_that_returns_a_held_connection_is_refused() {
+        let (pool, _) = pool_with(sized(3));
+        let mut retired = Vec::new();
+        borrow(&pool, 1);
+        assert_eq!(no_wait(&pool).unwrap(), Outcome::Create);
+        let (error, returned) = pool.admit(Fake(1)).unwrap_err();
+        assert!(matches!(
+            error,
+            Error::InvalidArgument {
+                argument: "create",
+                ..
+            }
+        ));
+        assert!(returned.is_none(), "the held connection must not be closed");
+        pool.checkin(1, None, false, false, &mut retired).unwrap();
+        assert!(pool.housekeep(|conn| conn.0, &mut retired).to_create == 0);
+        let stats = pool.stats();
+        assert_eq!((stats.size, stats.idle, stats.create_failures), (1, 1, 1));
+        pool.resize(2, 3, &mut retired).unwrap();
+        assert_eq!(pool.housekeep(|conn| conn.0, &mut retired).to_create, 1);
+        assert!(pool.admit_idle(Fake(1), &mut retired).is_err());
+        assert_eq!(pool.stats().size, 1);
     }
 
     #[test]

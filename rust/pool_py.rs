@@ -10,6 +10,7 @@ use crate::clock::nanos_to_seconds;
 use crate::clock_py::{parse_clock, parse_seconds, ManualClock};
 use crate::errors::Error;
 use crate::pool::{Connection, Enqueued, Leave, Outcome, Pool, PoolConfig, WaitSlice, Waiter};
+use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyTuple};
@@ -88,6 +89,12 @@ static LEASE_AEXIT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 /// A pool of connections made by `create`, generic over what it makes.
 ///
+/// >>> pool = ConnectionPool(dict, max_size=2)
+/// >>> conn = pool.acquire()
+/// >>> pool.release(conn)
+/// >>> pool.stats().idle
+/// 1
+///
 /// Waiters are served first come, first served; idle connections are reused newest first.
 /// `check` runs on checkout unless the connection was used within `check_interval` seconds;
 /// `reset` runs on return; a connection that fails either is closed and replaced.
@@ -103,17 +110,31 @@ pub struct ConnectionPool {
 }
 
 impl ConnectionPool {
-    fn report_problem(&self, py: Python<'_>, event: &str, conn: &Bound<'_, PyAny>, error: PyErr) {
+    fn report_problem(
+        &self,
+        py: Python<'_>,
+        event: &str,
+        conn: &Bound<'_, PyAny>,
+        error: PyErr,
+    ) -> PyResult<()> {
+        // Logs an `Exception` the pool handles itself; anything else (KeyboardInterrupt,
+        // SystemExit) is handed back to be raised once the pool's bookkeeping is done.
+        if !error.is_instance_of::<PyException>(py) {
+            return Err(error);
+        }
         let reported = helper(py, &REPORT_PROBLEM, "_report_problem")
             .and_then(|report| report.call1((event, self.core.name(), conn, error.value(py))));
         if let Err(failure) = reported {
             failure.write_unraisable(py, Some(conn));
         }
+        Ok(())
     }
 
     /// Closes connections the core retired, with the user's `close` (or the object's own
-    /// `close()` method when it has one). A failing close is reported, never raised.
-    fn close_retired(&self, py: Python<'_>, retired: Vec<PyConnection>) {
+    /// `close()` method when it has one). A failing close is logged, never raised; an
+    /// interrupt is raised after every connection was closed.
+    fn close_retired(&self, py: Python<'_>, retired: Vec<PyConnection>) -> PyResult<()> {
+        let mut interrupted = Ok(());
         for PyConnection(conn) in retired {
             let conn = conn.into_bound(py);
             let closed = match &self.close {
@@ -124,9 +145,11 @@ impl ConnectionPool {
                 },
             };
             if let Err(error) = closed {
-                self.report_problem(py, "close", &conn, error);
+                let handled = self.report_problem(py, "close", &conn, error);
+                interrupted = interrupted.and(handled);
             }
         }
+        interrupted
     }
 
     fn capture_stack(&self, py: Python<'_>) -> Option<Py<PyAny>> {
@@ -159,12 +182,9 @@ impl ConnectionPool {
             } => {
                 if let (true, Some(check)) = (needs_check, &self.check) {
                     let conn = value.bind(py);
-                    let healthy = match check.call1(py, (conn,)) {
-                        Ok(verdict) => !verdict.bind(py).is(PyBool::new(py, false)),
-                        Err(error) => {
-                            self.report_problem(py, "check", conn, error);
-                            false
-                        }
+                    let (healthy, interrupted) = match check.call1(py, (conn,)) {
+                        Ok(verdict) => (!verdict.bind(py).is(PyBool::new(py, false)), Ok(())),
+                        Err(error) => (false, self.report_problem(py, "check", conn, error)),
                     };
                     if !healthy {
                         let mut retired = Vec::new();
@@ -175,7 +195,8 @@ impl ConnectionPool {
                             false,
                             &mut retired,
                         )?;
-                        self.close_retired(py, retired);
+                        self.close_retired(py, retired)?;
+                        interrupted?;
                         return Ok(None);
                     }
                 }
@@ -200,7 +221,7 @@ impl ConnectionPool {
                 match self.core.admit(PyConnection(conn.clone_ref(py))) {
                     Ok(lease) => Ok(Some(self.lent(py, conn, lease))),
                     Err((error, retired)) => {
-                        self.close_retired(py, vec![retired]);
+                        self.close_retired(py, retired.into_iter().collect())?;
                         Err(error.into())
                     }
                 }
@@ -237,7 +258,7 @@ impl ConnectionPool {
                 pause,
             );
             if !retired.is_empty() {
-                self.close_retired(py, retired);
+                self.close_retired(py, retired)?;
             }
             let outcome = match outcome? {
                 Ok(outcome) => outcome,
@@ -272,15 +293,14 @@ impl ConnectionPool {
         match (&self.reset, broken) {
             (Some(reset), false) => {
                 let returning = self.core.take_back(identity, lease)?;
-                let reset_failed = match reset.call1(py, (conn,)) {
-                    Ok(_) => false,
-                    Err(error) => {
-                        self.report_problem(py, "reset", conn, error);
-                        true
-                    }
+                let (reset_failed, interrupted) = match reset.call1(py, (conn,)) {
+                    Ok(_) => (false, Ok(())),
+                    Err(error) => (true, self.report_problem(py, "reset", conn, error)),
                 };
                 self.core
                     .put_back(returning, reset_failed, suspect, &mut retired);
+                self.close_retired(py, retired)?;
+                return interrupted;
             }
             _ => {
                 self.core
@@ -288,22 +308,25 @@ impl ConnectionPool {
             }
         }
         if !retired.is_empty() {
-            self.close_retired(py, retired);
+            self.close_retired(py, retired)?;
         }
         Ok(())
     }
 
-    /// Whether the error a borrower's block ended with means the connection is broken.
-    fn broken_by(&self, py: Python<'_>, conn: &Bound<'_, PyAny>, error: &Bound<'_, PyAny>) -> bool {
+    /// Whether the errora borrower's block ended with means the connection is broken.
+    fn broken_by(
+        &self,
+        py: Python<'_>,
+        conn: &Bound<'_, PyAny>,
+        error: &Bound<'_, PyAny>,
+    ) -> (bool, PyResult<()>) {
+        // A failing `is_broken` counts as "broken"; an interrupt is handed back to be raised.
         let Some(is_broken) = &self.is_broken else {
-            return false;
+            return (false, Ok(()));
         };
         match is_broken.call1(py, (conn, error)) {
-            Ok(verdict) => verdict.bind(py).is_truthy().unwrap_or(true),
-            Err(failure) => {
-                self.report_problem(py, "is_broken", conn, failure);
-                true
-            }
+            Ok(verdict) => (verdict.bind(py).is_truthy().unwrap_or(true), Ok(())),
+            Err(failure) => (true, self.report_problem(py, "is_broken", conn, failure)),
         }
     }
 
@@ -446,7 +469,7 @@ impl ConnectionPool {
                 })
         };
         if !retired.is_empty() {
-            self.close_retired(py, retired);
+            self.close_retired(py, retired)?;
         }
         match enqueued? {
             Enqueued::Now(outcome) => match self.finish(py, outcome)? {
@@ -477,7 +500,7 @@ impl ConnectionPool {
 
     /// For the asyncio twin: leaves the queue. True when the wait timed out just as something
     /// was handed over (claim it then); a cancelled waiter's grant is passed on.
-    fn _leave(&self, py: Python<'_>, waiter: &PoolWaiter, timed_out: bool) -> bool {
+    fn _leave(&self, py: Python<'_>, waiter: &PoolWaiter, timed_out: bool) -> PyResult<bool> {
         let why = if timed_out {
             Leave::TimedOut
         } else {
@@ -485,8 +508,8 @@ impl ConnectionPool {
         };
         let mut retired = Vec::new();
         let claim = self.core.leave(&waiter.waiter, why, &mut retired);
-        self.close_retired(py, retired);
-        claim
+        self.close_retired(py, retired)?;
+        Ok(claim)
     }
 
     /// Returns a connection lent under `lease` (internal: leases and the asyncio twin).
@@ -509,39 +532,54 @@ impl ConnectionPool {
         let work = self
             .core
             .housekeep(|conn| conn.0.clone_ref(py), &mut retired);
-        self.close_retired(py, retired);
+        let mut outcome = self.close_retired(py, retired);
         for leak in work.leaks {
-            let report = helper(py, &REPORT_LEAK, "_report_leak")?;
-            if let Err(error) = report.call1((
-                self.core.name(),
-                leak.connection,
-                nanos_to_seconds(leak.held_nanos),
-                leak.trace,
-            )) {
+            let reported = helper(py, &REPORT_LEAK, "_report_leak").and_then(|report| {
+                report.call1((
+                    self.core.name(),
+                    leak.connection,
+                    nanos_to_seconds(leak.held_nanos),
+                    leak.trace,
+                ))
+            });
+            if let Err(error) = reported {
                 error.write_unraisable(py, None);
             }
         }
-        for _ in 0..work.to_create {
-            match self.create.call0(py) {
+        // Every reserved slot is either filled or given back, whatever happens on the way; after
+        // one failed create the rest are given back untried (the housekeeper backs off).
+        let mut reserved = work.to_create;
+        while reserved > 0 && outcome.is_ok() {
+            reserved -= 1;
+            let failure = match self.create.call0(py) {
                 Ok(conn) if !conn.is_none(py) => {
                     let mut retired = Vec::new();
-                    self.core.admit_idle(PyConnection(conn), &mut retired);
-                    self.close_retired(py, retired);
+                    let admitted = self.core.admit_idle(PyConnection(conn), &mut retired);
+                    outcome = self.close_retired(py, retired);
+                    match admitted {
+                        Ok(()) => continue,
+                        Err(error) => {
+                            // The core freed the slot and counted the failure.
+                            let handled =
+                                self.report_problem(py, "create", py.None().bind(py), error.into());
+                            outcome = outcome.and(handled);
+                            break;
+                        }
+                    }
                 }
-                Ok(_) => {
-                    self.core.cancel_create();
-                    let error = Error::wrong_type(
-                        "create",
-                        "create returned None; it must return a new connection.",
-                    );
-                    self.report_problem(py, "create", py.None().bind(py), error.into());
-                }
-                Err(error) => {
-                    self.core.cancel_create();
-                    self.report_problem(py, "create", py.None().bind(py), error);
-                }
-            }
+                Ok(_) => Error::wrong_type(
+                    "create",
+                    "create returned None; it must return a new connection.",
+                )
+                .into(),
+                Err(error) => error,
+            };
+            self.core.cancel_create();
+            outcome = self.report_problem(py, "create", py.None().bind(py), failure);
+            break;
         }
+        self.core.unreserve(reserved);
+        outcome?;
         let now = self.core.clock().now_nanos();
         Ok(self
             .core
@@ -572,7 +610,7 @@ impl ConnectionPool {
             max_size.unwrap_or(stats.max_size),
             &mut retired,
         );
-        self.close_retired(py, retired);
+        self.close_retired(py, retired)?;
         Ok(resized?)
     }
 
@@ -589,7 +627,7 @@ impl ConnectionPool {
         let timeout = optional_duration("timeout", timeout)?;
         let mut retired = Vec::new();
         self.core.close(&mut retired);
-        self.close_retired(py, retired);
+        self.close_retired(py, retired)?;
         let deadline = timeout.and_then(|timeout| Instant::now().checked_add(timeout));
         loop {
             let remaining = deadline.map_or(SIGNAL_CHECK_INTERVAL, |deadline| {
@@ -742,8 +780,11 @@ impl ConnectionPool {
 
 /// Holds one checkout of a pool for a `with` or `async with` block.
 ///
+/// >>> pool = ConnectionPool(list, max_size=2)
 /// >>> with pool.connection() as conn:
-/// ...     conn.execute("select 1")
+/// ...     conn.append("used")
+/// >>> pool.acquire()
+/// ['used']
 #[pyclass(frozen, generic, module = "buttress._core")]
 pub struct PoolLease {
     pool: Py<ConnectionPool>,
@@ -810,9 +851,13 @@ impl PoolLease {
         let pool = self.pool.get();
         let conn = conn.bind(py);
         let failed = !exc_value.is_none();
-        let broken = failed && pool.broken_by(py, conn, exc_value);
+        let (broken, interrupted) = if failed {
+            pool.broken_by(py, conn, exc_value)
+        } else {
+            (false, Ok(()))
+        };
         pool.give_back(py, conn, Some(lease), broken, failed)?;
-        Ok(false)
+        interrupted.map(|()| false)
     }
 
     /// Records the connection an asynchronous entry checked out (internal).

@@ -8,7 +8,9 @@ import re
 
 import buttress
 import buttress.errors
+import buttress.backends.sqlite
 import buttress.lazy
+import buttress.pool
 import buttress.resilience.breaker
 import buttress.resilience.bulkhead
 import pytest
@@ -24,6 +26,7 @@ def test_readme_has_an_example_per_available_pattern() -> None:
     examples = "\n".join(readme_examples())
     assert "CircuitBreaker(" in examples
     assert "Bulkhead" in examples
+    assert "ConnectionPool(" in examples
 
 
 @pytest.mark.parametrize("index", range(len(readme_examples())))
@@ -39,6 +42,8 @@ def test_readme_example_runs(index: int, capsys: pytest.CaptureFixture[str]) -> 
         buttress,
         buttress.errors,
         buttress.lazy,
+        buttress.pool,
+        buttress.backends.sqlite,
         buttress.resilience.breaker,
         buttress.resilience.bulkhead,
     ],
@@ -57,10 +62,12 @@ def test_extension_docstring_examples() -> None:
         "CircuitBreaker": _core.CircuitBreaker,
         "Bulkhead": _core.Bulkhead,
         "ManualClock": _core.ManualClock,
+        "ConnectionPool": _core.ConnectionPool,
     }
     finder = doctest.DocTestFinder()
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    for name in ("CircuitBreaker", "CircuitPermit", "Bulkhead", "ManualClock"):
+    names = ("CircuitBreaker", "CircuitPermit", "Bulkhead", "ManualClock", "ConnectionPool")
+    for name in (*names, "PoolLease"):
         for test in finder.find(getattr(_core, name), name, globs=dict(globs)):
             runner.run(test)
     assert runner.failures == 0
