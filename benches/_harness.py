@@ -16,14 +16,29 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-# pytest-benchmark's own tables: 500 rounds of 1,000 calls per case.
-ROUNDS = 500
-ITERATIONS = 1000
-WARMUP_ROUNDS = 50
 
-# The report's interleaved pass: every case of a group timed in turn, round after round.
-INTERLEAVED_ROUNDS = 400
-INTERLEAVED_CALLS = 1000
+@dataclasses.dataclass(frozen=True)
+class Counts:
+    """How many times a case's body is timed: in pytest-benchmark's own tables (``rounds`` of
+    ``iterations`` calls after ``warmup_rounds``), then in the report's interleaved pass."""
+
+    rounds: int = 500
+    iterations: int = 1000
+    warmup_rounds: int = 50
+    interleaved_rounds: int = 400
+    interleaved_calls: int = 1000
+
+    def describe(self) -> str:
+        return (
+            f"timed {self.rounds}x{self.iterations} and "
+            f"{self.interleaved_rounds}x{self.interleaved_calls} calls"
+        )
+
+
+# Bodies of a few µs at most; slow bodies (a thread batch, a database round trip) pass fewer.
+DEFAULT_COUNTS = Counts()
+INTERLEAVED_ROUNDS = DEFAULT_COUNTS.interleaved_rounds
+INTERLEAVED_CALLS = DEFAULT_COUNTS.interleaved_calls
 
 BASELINE = "baseline"  # the bare call of a group
 BUTTRESS = "buttress"
@@ -44,6 +59,7 @@ class Case:
     lib: str
     form: str
     make: Make
+    counts: Counts = DEFAULT_COUNTS
 
     @property
     def id(self) -> str:
@@ -77,11 +93,15 @@ class Bench:
         run, verify = case.make()
         # Under --benchmark-disable, pedantic() calls run() once: the smoke pass still runs
         # every body and every check.
+        counts = case.counts
         result = self._fixture.pedantic(
-            run, rounds=ROUNDS, iterations=ITERATIONS, warmup_rounds=WARMUP_ROUNDS
+            run,
+            rounds=counts.rounds,
+            iterations=counts.iterations,
+            warmup_rounds=counts.warmup_rounds,
         )
         assert result == expect, f"{case.id} returned {result!r}, expected {expect!r}"
-        check = verify()
+        check = _with_counts(verify(), counts)
         self._fixture.extra_info["check"] = check
         stats = self._fixture.stats
         median = None if stats is None else float(stats.stats.median)
@@ -90,12 +110,18 @@ class Bench:
         self._results.append(Result(group, case.lib, case.form, median, fastest, check))
 
 
-def registrar(cases: list[Case]) -> Callable[[str, str], Callable[[Make], Make]]:
+def _with_counts(check: str, counts: Counts) -> str:
+    return check if counts == DEFAULT_COUNTS else f"{check}; {counts.describe()}"
+
+
+def registrar(
+    cases: list[Case], counts: Counts = DEFAULT_COUNTS
+) -> Callable[[str, str], Callable[[Make], Make]]:
     """A decorator factory: ``@add(lib, form)`` on a ``make`` function appends its case."""
 
     def add(lib: str, form: str) -> Callable[[Make], Make]:
         def register(make: Make) -> Make:
-            cases.append(Case(lib, form, make))
+            cases.append(Case(lib, form, make, counts))
             return make
 
         return register
@@ -110,22 +136,25 @@ def interleave(group: str, cases: list[Case]) -> list[Result]:
     another, so a burst can slow one case and spare its peer. Interleaving spreads the bursts
     over all cases alike, which makes the ratios between them fair. Each case is checked after.
     """
+    counts = {case.counts for case in cases}
+    assert len(counts) == 1, f"the cases of group {group!r} are timed with different counts"
+    (count,) = counts
     made = [(case, *case.make()) for case in cases]
     per_call: dict[str, list[float]] = {case.id: [] for case in cases}
     order = list(range(len(made)))
     shuffle = random.Random(0).shuffle
-    calls = range(INTERLEAVED_CALLS)
-    for _ in range(INTERLEAVED_ROUNDS):
+    calls = range(count.interleaved_calls)
+    for _ in range(count.interleaved_rounds):
         shuffle(order)
         for index in order:
             case, run, _ = made[index]
             start = time.perf_counter()
             for _ in calls:
                 run()
-            per_call[case.id].append((time.perf_counter() - start) / INTERLEAVED_CALLS)
+            per_call[case.id].append((time.perf_counter() - start) / count.interleaved_calls)
     results = []
     for case, _, verify in made:
-        check = verify()
+        check = _with_counts(verify(), count)
         samples = per_call[case.id]
         results.append(
             Result(

@@ -100,6 +100,42 @@ TARGETS = (
         5.0,
         "time",
     ),
+    Target(
+        "pool checkout + checkin (fake connection): buttress >= 10x faster than psycopg_pool",
+        "pool-cycle",
+        ("acquire() + release()", "with connection()"),
+        "psycopg_pool",
+        ("getconn() + putconn()", "with connection()"),
+        10.0,
+        "time",
+    ),
+    Target(
+        "pool checkout + checkin (fake connection): buttress >= 10x faster than SQLAlchemy",
+        "pool-cycle",
+        ("acquire() + release()", "with connection()"),
+        "sqlalchemy",
+        ("connect() + close()",),
+        10.0,
+        "time",
+    ),
+    Target(
+        "pool checkout + checkin (fake connection): buttress >= 10x faster than DBUtils",
+        "pool-cycle",
+        ("acquire() + release()", "with connection()"),
+        "dbutils",
+        ("connection() + close()",),
+        10.0,
+        "time",
+    ),
+    Target(
+        "pool, 8 threads on 4 connections: buttress throughput >= 3x psycopg_pool's",
+        "pool-contended",
+        ("acquire() + release()", "with connection()"),
+        "psycopg_pool",
+        ("getconn() + putconn()", "with connection()"),
+        3.0,
+        "time",
+    ),
 )
 
 

@@ -67,6 +67,8 @@ pub struct PoolConfig {
     pub lifetime_jitter: f64,
     /// An idle connection unused for this long is closed while the pool is above `min_size`.
     pub max_idle_nanos: Option<u64>,
+    /// Whether the caller checks connections on checkout (it has a check to run).
+    pub checks: bool,
     /// A connection used more recently than this is handed out without a check.
     pub check_interval_nanos: u64,
     /// A connection borrowed for longer than this is reported as a possible leak.
@@ -83,6 +85,7 @@ impl Default for PoolConfig {
             max_lifetime_nanos: None,
             lifetime_jitter: 0.1,
             max_idle_nanos: None,
+            checks: true,
             check_interval_nanos: 500_000_000,
             leak_threshold_nanos: None,
         }
@@ -146,6 +149,8 @@ struct Borrowed<C, T> {
     lease: u64,
     taken_at: u64,
     trace: Option<T>,
+    /// False while it is handed to a waiter that has not claimed it yet.
+    claimed: bool,
     leak_reported: bool,
 }
 
@@ -252,7 +257,7 @@ pub struct Leak<R, T> {
 pub struct Housekeeping<R, T> {
     pub leaks: Vec<Leak<R, T>>,
     /// Slots reserved to bring the pool up to `min_size`: create each, then `admit_idle` it
-    /// (or `cancel_create` on failure).
+    /// (`cancel_refill` on failure, `unreserve` for those not tried).
     pub to_create: u32,
 }
 
@@ -286,8 +291,13 @@ pub struct PoolStats {
 struct Inner<C, T> {
     idle: Vec<Entry<C>>,
     borrowed: IdentityMap<Borrowed<C, T>>,
+    /// Connections taken back for a reset and not yet put back.
+    returning: IdentityMap<()>,
     /// Every open connection: idle, borrowed, returning, and reserved slots being created.
     live: u32,
+    /// Of the reserved slots, those the housekeeper is filling; the first waiters in the queue
+    /// wait for these rather than opening connections of their own.
+    refilling: u32,
     queue: VecDeque<Arc<Waiter>>,
     min_size: u32,
     max_size: u32,
@@ -300,6 +310,9 @@ pub struct Pool<C, T> {
     name: String,
     config: PoolConfig,
     clock: Clock,
+    /// Whether anything reads connection times (checks, lifetimes, idle limit, leaks); when
+    /// nothing does, checkout and checkin skip the clock.
+    timed: bool,
     jitter: JitterSource,
     inner: Mutex<Inner<C, T>>,
     /// Woken when the pool falls below `min_size` or closes, for the housekeeper.
@@ -312,15 +325,18 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
     pub fn new(name: impl Into<String>, config: PoolConfig, clock: Clock) -> Result<Self> {
         config.validate()?;
         let seed = clock.now_nanos() ^ u64::from(config.max_size).rotate_left(29);
+        let capacity = config.max_size.min(1024) as usize;
         Ok(Pool {
             name: name.into(),
             inner: Mutex::new(Inner {
-                idle: Vec::with_capacity(config.max_size.min(1024) as usize),
+                idle: Vec::with_capacity(capacity),
                 borrowed: IdentityMap::with_capacity_and_hasher(
-                    config.max_size.min(1024) as usize,
+                    capacity,
                     BuildHasherDefault::default(),
                 ),
+                returning: IdentityMap::default(),
                 live: 0,
+                refilling: 0,
                 queue: VecDeque::new(),
                 min_size: config.min_size,
                 max_size: config.max_size,
@@ -328,6 +344,10 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
                 next_lease: 1,
                 stats: PoolStats::default(),
             }),
+            timed: config.checks
+                || config.max_lifetime_nanos.is_some()
+                || config.max_idle_nanos.is_some()
+                || config.leak_threshold_nanos.is_some(),
             config,
             clock,
             jitter: JitterSource::new(seed),
@@ -351,6 +371,16 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
     fn lock(&self) -> MutexGuard<'_, Inner<C, T>> {
         // Nothing panics while holding the lock; a poisoned lock still holds consistent state.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The clock, when anything reads connection times; 0 otherwise.
+    #[inline]
+    fn now(&self) -> u64 {
+        if self.timed {
+            self.clock.now_nanos()
+        } else {
+            0
+        }
     }
 
     fn closed_error(&self) -> Error {
@@ -379,6 +409,12 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
         }
     }
 
+    fn needs_check(&self, entry: &Entry<C>, now: u64) -> bool {
+        self.config.checks
+            && (entry.suspect
+                || now.saturating_sub(entry.last_used) >= self.config.check_interval_nanos)
+    }
+
     /// Closes one connection's slot: the connection goes to `retired`, and the freed slot to
     /// the longest waiter (who then creates a connection).
     fn retire_locked(
@@ -389,12 +425,12 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
         wake: &mut Vec<Arc<Waiter>>,
     ) {
         retired.push(conn);
-        self.free_slot_locked(inner, wake);
+        inner.stats.closed += 1;
+        self.free_slots_locked(inner, 1, wake);
     }
 
-    fn free_slot_locked(&self, inner: &mut Inner<C, T>, wake: &mut Vec<Arc<Waiter>>) {
-        inner.live -= 1;
-        inner.stats.closed += 1;
+    fn free_slots_locked(&self, inner: &mut Inner<C, T>, count: u32, wake: &mut Vec<Arc<Waiter>>) {
+        inner.live -= count;
         self.grant_slots_locked(inner, wake);
         if inner.closed {
             if inner.live == 0 {
@@ -405,14 +441,24 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
         }
     }
 
-    /// Hands free slots to waiters, oldest first, for them to create connections in.
+    /// Hands free slots to waiters for them to create connections in, oldest first, passing
+    /// over the first few whom connections being created in the background will serve.
     fn grant_slots_locked(&self, inner: &mut Inner<C, T>, wake: &mut Vec<Arc<Waiter>>) {
-        while inner.live < inner.max_size && !inner.closed {
-            let Some(waiter) = self.pop_waiting(inner) else {
-                return;
-            };
-            inner.live += 1;
-            self.grant_locked(waiter, Grant::Create, wake);
+        if inner.closed {
+            return;
+        }
+        let mut covered = inner.refilling as usize;
+        let mut index = 0;
+        while inner.live < inner.max_size && index < inner.queue.len() {
+            if inner.queue[index].state() != WaitState::Waiting {
+                inner.queue.remove(index);
+            } else if covered > 0 {
+                covered -= 1;
+                index += 1;
+            } else if let Some(waiter) = inner.queue.remove(index) {
+                inner.live += 1;
+                self.grant_locked(waiter, Grant::Create, wake);
+            }
         }
     }
 
@@ -449,8 +495,7 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
         now: u64,
         take: impl FnOnce(&C) -> R,
     ) -> Outcome<R> {
-        let needs_check = entry.suspect
-            || now.saturating_sub(entry.last_used) >= self.config.check_interval_nanos;
+        let needs_check = self.needs_check(&entry, now);
         let value = take(&entry.conn);
         let lease = inner.next_lease;
         inner.next_lease += 1;
@@ -461,6 +506,7 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
                 lease,
                 taken_at: now,
                 trace: None,
+                claimed: true,
                 leak_reported: false,
             },
         );
@@ -471,9 +517,9 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
         }
     }
 
-    /// Serves a caller without waiting, if the queue is empty and a connection or a slot is
-    /// free. Expired idle connections met on the way are retired.
-    fn serve_now_locked<R>(
+    /// Lends the newest idle connection that is still within its limits, retiring the ones
+    /// that are not; `None` when none is left.
+    fn lend_idle_locked<R>(
         &self,
         inner: &mut Inner<C, T>,
         now: u64,
@@ -481,9 +527,6 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
         retired: &mut Vec<C>,
         wake: &mut Vec<Arc<Waiter>>,
     ) -> Option<Outcome<R>> {
-        if !inner.queue.is_empty() {
-            return None;
-        }
         while let Some(entry) = inner.idle.pop() {
             if entry.expires_at <= now || self.idle_too_long(inner, &entry, now) {
                 self.retire_locked(inner, entry.conn, retired, wake);
@@ -494,11 +537,33 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
                 .expect("a checkout takes at most one connection");
             return Some(self.lend_locked(inner, entry, now, take));
         }
-        if inner.live < inner.max_size {
-            inner.live += 1;
-            return Some(Outcome::Create);
-        }
         None
+    }
+
+    /// Serves a caller without waiting when that is fair: nobody is queued before it, and a
+    /// connection or a slot is free. A caller that `may_wait` waits for a connection being
+    /// created in the background rather than opening one more.
+    fn serve_now_locked<R>(
+        &self,
+        inner: &mut Inner<C, T>,
+        may_wait: bool,
+        take: &mut Option<impl FnOnce(&C) -> R>,
+        retired: &mut Vec<C>,
+        wake: &mut Vec<Arc<Waiter>>,
+    ) -> Option<Outcome<R>> {
+        if inner.queue.is_empty() {
+            let now = self.now();
+            if let Some(outcome) = self.lend_idle_locked(inner, now, take, retired, wake) {
+                return Some(outcome);
+            }
+        }
+        if inner.live >= inner.max_size
+            || (may_wait && inner.queue.len() < inner.refilling as usize)
+        {
+            return None;
+        }
+        inner.live += 1;
+        Some(Outcome::Create)
     }
 
     fn join_queue_locked(&self, inner: &mut Inner<C, T>, signal: Signal) -> Result<Arc<Waiter>> {
@@ -539,9 +604,8 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
                 return Err(self.closed_error());
             }
             inner.stats.requests += 1;
-            let now = self.clock.now_nanos();
             let served =
-                self.serve_now_locked(&mut inner, now, &mut Some(take), retired, &mut wake);
+                self.serve_now_locked(&mut inner, false, &mut Some(take), retired, &mut wake);
             if served.is_none() {
                 inner.stats.timeouts += 1;
             }
@@ -563,6 +627,7 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
         mut pause: impl FnMut(&WaitSlice<'_>) -> std::result::Result<bool, E>,
     ) -> std::result::Result<Result<Outcome<R>>, E> {
         let timeout = timeout.or(self.config.timeout);
+        let may_wait = timeout != Some(Duration::ZERO);
         let mut take = Some(take);
         let mut wake = Vec::new();
         let waiter = {
@@ -571,11 +636,10 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
                 return Ok(Err(self.closed_error()));
             }
             inner.stats.requests += 1;
-            let now = self.clock.now_nanos();
-            let served = self.serve_now_locked(&mut inner, now, &mut take, retired, &mut wake);
+            let served = self.serve_now_locked(&mut inner, may_wait, &mut take, retired, &mut wake);
             let waiter = match served {
                 Some(outcome) => Err(Ok(outcome)),
-                None if timeout == Some(Duration::ZERO) => {
+                None if !may_wait => {
                     inner.stats.timeouts += 1;
                     Err(Err(self.timeout_error(timeout)))
                 }
@@ -591,6 +655,7 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
             }
         };
         let take = take.take().expect("not taken before waiting");
+        // Only a caller that must wait reads the clock for its deadline.
         let deadline = timeout.and_then(|timeout| Instant::now().checked_add(timeout));
         loop {
             let remaining = match deadline {
@@ -648,8 +713,7 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
                 return Err(self.closed_error());
             }
             inner.stats.requests += 1;
-            let now = self.clock.now_nanos();
-            match self.serve_now_locked(&mut inner, now, &mut Some(take), retired, &mut wakes) {
+            match self.serve_now_locked(&mut inner, true, &mut Some(take), retired, &mut wakes) {
                 Some(outcome) => Ok(Enqueued::Now(outcome)),
                 None => self
                     .join_queue_locked(&mut inner, Signal::Callback(wake))
@@ -670,20 +734,25 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
             ));
         };
         waiter.set_state(WaitState::Left);
+        if grant == Grant::Closed {
+            return Err(self.closed_error());
+        }
         let waited = self.clock.now_nanos().saturating_sub(waiter.since);
         inner.stats.waits += 1;
         inner.stats.total_wait_nanos += waited;
         inner.stats.max_wait_nanos = inner.stats.max_wait_nanos.max(waited);
         match grant {
-            Grant::Closed => Err(self.closed_error()),
-            Grant::Create => Ok(Outcome::Create),
+            Grant::Closed | Grant::Create => Ok(Outcome::Create),
             Grant::Connection { identity, lease } => {
+                let now = self.now();
                 let borrowed = inner
                     .borrowed
                     .get_mut(&identity)
                     .filter(|borrowed| borrowed.lease == lease)
                     .expect("a handed-over connection stays borrowed until its waiter claims it");
-                let needs_check = borrowed.entry.suspect;
+                borrowed.claimed = true;
+                borrowed.taken_at = now;
+                let needs_check = self.needs_check(&borrowed.entry, now);
                 Ok(Outcome::Ready {
                     value: take(&borrowed.entry.conn),
                     lease,
@@ -731,14 +800,8 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
     ) {
         match grant {
             Grant::Closed => {}
-            Grant::Create => {
-                // The reserved slot was never used: it frees without counting as a close.
-                inner.live -= 1;
-                self.grant_slots_locked(inner, wake);
-                if inner.closed && inner.live == 0 {
-                    self.drained.notify_all();
-                }
-            }
+            // The reserved slot was never used: it frees without counting as a close.
+            Grant::Create => self.free_slots_locked(inner, 1, wake),
             Grant::Connection { identity, .. } => {
                 let borrowed = inner
                     .borrowed
@@ -749,63 +812,9 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
         }
     }
 
-    /// Records a connection the caller created in a reserved slot as borrowed by it.
-    /// When the pool closed in the meantime, the connection comes back to be closed.
-    pub fn admit(&self, conn: C) -> std::result::Result<u64, (Error, Option<C>)> {
-        let mut inner = self.lock();
-        if self.holds_locked(&inner, conn.identity()) {
-            drop(inner);
-            self.free_reserved(1, true);
-            return Err((self.duplicate_error(), None));
-        }
-        if inner.closed {
-            inner.stats.created += 1;
-            let mut wake = Vec::new();
-            self.free_slot_locked(&mut inner, &mut wake);
-            debug_assert!(wake.is_empty(), "a closed pool grants nothing");
-            return Err((self.closed_error(), Some(conn)));
-        }
-        let now = self.clock.now_nanos();
-        inner.stats.created += 1;
-        let entry = Entry {
-            expires_at: self.expiry_for_new(now),
-            last_used: now,
-            suspect: false,
-            conn,
-        };
-        match self.lend_locked(&mut inner, entry, now, |_| ()) {
-            Outcome::Ready { lease, .. } => Ok(lease),
-            Outcome::Create => unreachable!("lending always hands out the connection"),
-        }
-    }
-
-    /// Records a connection created in the background: handed to the longest waiter or kept
-    /// idle. Retired (into `retired`) when the pool closed in the meantime.
-    pub fn admit_idle(&self, conn: C, retired: &mut Vec<C>) -> Result<()> {
-        let mut wake = Vec::new();
-        {
-            let mut inner = self.lock();
-            if self.holds_locked(&inner, conn.identity()) {
-                drop(inner);
-                self.free_reserved(1, true);
-                return Err(self.duplicate_error());
-            }
-            let now = self.clock.now_nanos();
-            inner.stats.created += 1;
-            let entry = Entry {
-                expires_at: self.expiry_for_new(now),
-                last_used: now,
-                suspect: false,
-                conn,
-            };
-            self.put_back_locked(&mut inner, entry, retired, &mut wake);
-        }
-        Self::run_wakes(wake);
-        Ok(())
-    }
-
     fn holds_locked(&self, inner: &Inner<C, T>, identity: usize) -> bool {
         inner.borrowed.contains_key(&identity)
+            || inner.returning.contains_key(&identity)
             || inner
                 .idle
                 .iter()
@@ -823,32 +832,101 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
         )
     }
 
-    /// A reserved slot'sconnection could not be created: the slot goes to the next waiter.
-    pub fn cancel_create(&self) {
-        self.free_reserved(1, true);
-    }
-
-    /// Gives back slots reserved by `housekeep` that will not be filled.
-    pub fn unreserve(&self, count: u32) {
-        if count > 0 {
-            self.free_reserved(count, false);
+    fn new_entry(&self, conn: C, now: u64) -> Entry<C> {
+        Entry {
+            expires_at: self.expiry_for_new(now),
+            last_used: now,
+            suspect: false,
+            conn,
         }
     }
 
-    fn free_reserved(&self, count: u32, failed: bool) {
+    /// Records a connection the caller created in a reserved slot as borrowed by it. When the
+    /// pool closed in the meantime the connection comes back to be closed; a connection the
+    /// pool already holds is refused (and not to be closed: someone holds it).
+    pub fn admit(&self, conn: C) -> std::result::Result<u64, (Error, Option<C>)> {
+        let mut wake = Vec::new();
+        let admitted = {
+            let mut inner = self.lock();
+            if self.holds_locked(&inner, conn.identity()) {
+                inner.stats.create_failures += 1;
+                self.free_slots_locked(&mut inner, 1, &mut wake);
+                Err((self.duplicate_error(), None))
+            } else if inner.closed {
+                inner.stats.created += 1;
+                inner.stats.closed += 1;
+                self.free_slots_locked(&mut inner, 1, &mut wake);
+                Err((self.closed_error(), Some(conn)))
+            } else {
+                inner.stats.created += 1;
+                let now = self.now();
+                let entry = self.new_entry(conn, now);
+                match self.lend_locked(&mut inner, entry, now, |_| ()) {
+                    Outcome::Ready { lease, .. } => Ok(lease),
+                    Outcome::Create => unreachable!("lending always hands out the connection"),
+                }
+            }
+        };
+        Self::run_wakes(wake);
+        admitted
+    }
+
+    /// Records a connection created by the housekeeper in a slot `housekeep` reserved: handed
+    /// to the longest waiter or kept idle; retired (into `retired`) when the pool closed in
+    /// the meantime. A connection the pool already holds is refused.
+    pub fn admit_idle(&self, conn: C, retired: &mut Vec<C>) -> Result<()> {
+        let mut wake = Vec::new();
+        let admitted = {
+            let mut inner = self.lock();
+            inner.refilling -= 1;
+            if self.holds_locked(&inner, conn.identity()) {
+                inner.stats.create_failures += 1;
+                self.free_slots_locked(&mut inner, 1, &mut wake);
+                Err(self.duplicate_error())
+            } else {
+                inner.stats.created += 1;
+                let entry = self.new_entry(conn, self.now());
+                self.put_back_locked(&mut inner, entry, retired, &mut wake);
+                Ok(())
+            }
+        };
+        Self::run_wakes(wake);
+        admitted
+    }
+
+    /// A reserved slot's connection could not be created: the slot goes to the next waiter.
+    pub fn cancel_create(&self) {
+        self.free_reserved(1, false, true);
+    }
+
+    /// Gives back a reserved slot that will not be used (its caller was interrupted).
+    pub fn release_slot(&self) {
+        self.free_reserved(1, false, false);
+    }
+
+    /// The housekeeper could not create a connection in a slot `housekeep` reserved.
+    pub fn cancel_refill(&self) {
+        self.free_reserved(1, true, true);
+    }
+
+    /// Gives back slots `housekeep` reserved that the housekeeper will not try to fill.
+    pub fn unreserve(&self, count: u32) {
+        if count > 0 {
+            self.free_reserved(count, true, false);
+        }
+    }
+
+    fn free_reserved(&self, count: u32, refill: bool, failed: bool) {
         let mut wake = Vec::new();
         {
             let mut inner = self.lock();
+            if refill {
+                inner.refilling -= count;
+            }
             if failed {
                 inner.stats.create_failures += 1;
             }
-            inner.live -= count;
-            self.grant_slots_locked(&mut inner, &mut wake);
-            if inner.closed && inner.live == 0 {
-                self.drained.notify_all();
-            } else if !inner.closed && inner.live < inner.min_size {
-                self.attention.notify_all();
-            }
+            self.free_slots_locked(&mut inner, count, &mut wake);
         }
         Self::run_wakes(wake);
     }
@@ -863,14 +941,14 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
         }
     }
 
-    fn not_borrowed_error(&self, inner: &Inner<C, T>, identity: usize) -> Error {
+    fn not_borrowed_error(&self, inner: &Inner<C, T>, identity: usize, handed_on: bool) -> Error {
         let idle = inner
             .idle
             .iter()
             .any(|entry| entry.conn.identity() == identity);
         Error::invalid(
             "conn",
-            if idle {
+            if idle || handed_on || inner.returning.contains_key(&identity) {
                 format!(
                     "conn was already returned to pool '{}'; return each connection once.",
                     self.name
@@ -892,6 +970,10 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
         lease: Option<u64>,
     ) -> Result<Returning<C>> {
         match inner.borrowed.get(&identity) {
+            // Handed to a waiter that has not claimed it: its borrower already returned it.
+            Some(borrowed) if !borrowed.claimed => {
+                return Err(self.not_borrowed_error(inner, identity, true))
+            }
             Some(borrowed) if lease.is_none_or(|lease| lease == borrowed.lease) => {}
             Some(_) => {
                 return Err(Error::Misuse(format!(
@@ -900,7 +982,7 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
                     self.name
                 )))
             }
-            None => return Err(self.not_borrowed_error(inner, identity)),
+            None => return Err(self.not_borrowed_error(inner, identity, false)),
         }
         let borrowed = inner
             .borrowed
@@ -916,7 +998,9 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
     /// `lease`, when given, must be the one the connection was lent under.
     pub fn take_back(&self, identity: usize, lease: Option<u64>) -> Result<Returning<C>> {
         let mut inner = self.lock();
-        self.take_back_locked(&mut inner, identity, lease)
+        let returning = self.take_back_locked(&mut inner, identity, lease)?;
+        inner.returning.insert(identity, ());
+        Ok(returning)
     }
 
     fn put_back_locked(
@@ -926,7 +1010,7 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
         retired: &mut Vec<C>,
         wake: &mut Vec<Arc<Waiter>>,
     ) {
-        let now = self.clock.now_nanos();
+        let now = self.now();
         if inner.closed || entry.expires_at <= now || inner.live > inner.max_size {
             self.retire_locked(inner, entry.conn, retired, wake);
             return;
@@ -944,6 +1028,7 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
                         lease,
                         taken_at: now,
                         trace: None,
+                        claimed: false,
                         leak_reported: false,
                     },
                 );
@@ -953,8 +1038,27 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
         }
     }
 
+    fn return_locked(
+        &self,
+        inner: &mut Inner<C, T>,
+        mut entry: Entry<C>,
+        broken: bool,
+        suspect: bool,
+        retired: &mut Vec<C>,
+        wake: &mut Vec<Arc<Waiter>>,
+    ) {
+        if broken {
+            inner.stats.broken += 1;
+            self.retire_locked(inner, entry.conn, retired, wake);
+        } else {
+            entry.suspect = suspect;
+            self.put_back_locked(inner, entry, retired, wake);
+        }
+    }
+
     /// Returns a connection taken back with `take_back`. A broken one is retired and its slot
-    /// goes to the next waiter; `suspect` asks for a check before its next hand-out.
+    /// goes to the next waiter; `suspect` asks for a check before its next hand-out. Returns
+    /// whether the connection had been reported as leaked.
     pub fn put_back(
         &self,
         returning: Returning<C>,
@@ -963,20 +1067,20 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
         retired: &mut Vec<C>,
     ) -> bool {
         let mut wake = Vec::new();
-        let leaked = returning.leaked;
         {
             let mut inner = self.lock();
-            let mut entry = returning.entry;
-            if broken {
-                inner.stats.broken += 1;
-                self.retire_locked(&mut inner, entry.conn, retired, &mut wake);
-            } else {
-                entry.suspect = suspect;
-                self.put_back_locked(&mut inner, entry, retired, &mut wake);
-            }
+            inner.returning.remove(&returning.entry.conn.identity());
+            self.return_locked(
+                &mut inner,
+                returning.entry,
+                broken,
+                suspect,
+                retired,
+                &mut wake,
+            );
         }
         Self::run_wakes(wake);
-        leaked
+        returning.leaked
     }
 
     /// `take_back` and `put_back` in one step, for pools without a reset. Returns whether the
@@ -993,18 +1097,55 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
         let leaked = {
             let mut inner = self.lock();
             let returning = self.take_back_locked(&mut inner, identity, lease)?;
-            let mut entry = returning.entry;
-            if broken {
-                inner.stats.broken += 1;
-                self.retire_locked(&mut inner, entry.conn, retired, &mut wake);
-            } else {
-                entry.suspect = suspect;
-                self.put_back_locked(&mut inner, entry, retired, &mut wake);
-            }
+            self.return_locked(
+                &mut inner,
+                returning.entry,
+                broken,
+                suspect,
+                retired,
+                &mut wake,
+            );
             returning.leaked
         };
         Self::run_wakes(wake);
         Ok(leaked)
+    }
+
+    /// Replaces a borrowed connection that failed its check: it is retired (into `retired`),
+    /// and its borrower keeps its turn: it gets the newest idle connection, or keeps the slot
+    /// to create a new one in. Fails with `PoolClosedError` when the pool closed meanwhile.
+    pub fn replace<R>(
+        &self,
+        identity: usize,
+        lease: u64,
+        take: impl FnOnce(&C) -> R,
+        retired: &mut Vec<C>,
+    ) -> Result<Outcome<R>> {
+        let mut wake = Vec::new();
+        let replaced = {
+            let mut inner = self.lock();
+            let returning = self.take_back_locked(&mut inner, identity, Some(lease))?;
+            inner.stats.broken += 1;
+            inner.stats.closed += 1;
+            retired.push(returning.entry.conn);
+            if inner.closed {
+                self.free_slots_locked(&mut inner, 1, &mut wake);
+                Err(self.closed_error())
+            } else {
+                // The broken connection's slot is the borrower's until it has another one.
+                let now = self.now();
+                let mut take = Some(take);
+                match self.lend_idle_locked(&mut inner, now, &mut take, retired, &mut wake) {
+                    Some(outcome) => {
+                        self.free_slots_locked(&mut inner, 1, &mut wake);
+                        Ok(outcome)
+                    }
+                    None => Ok(Outcome::Create),
+                }
+            }
+        };
+        Self::run_wakes(wake);
+        replaced
     }
 
     /// Closes idle connections past their lifetime or idle limit, reports borrowed ones held
@@ -1018,7 +1159,7 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
         let mut leaks = Vec::new();
         let to_create = {
             let mut inner = self.lock();
-            let now = self.clock.now_nanos();
+            let now = self.now();
             // Oldest idle first (the bottom of the LIFO stack), so the newest stay.
             let mut index = 0;
             while index < inner.idle.len() {
@@ -1034,7 +1175,7 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
                 let mut found = 0;
                 for borrowed in inner.borrowed.values_mut() {
                     let held = now.saturating_sub(borrowed.taken_at);
-                    if !borrowed.leak_reported && held >= threshold {
+                    if borrowed.claimed && !borrowed.leak_reported && held >= threshold {
                         borrowed.leak_reported = true;
                         found += 1;
                         leaks.push(Leak {
@@ -1051,6 +1192,7 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
             } else {
                 let missing = inner.min_size.saturating_sub(inner.live);
                 inner.live += missing;
+                inner.refilling += missing;
                 missing
             }
         };
@@ -1120,11 +1262,8 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
             }
             inner.min_size = min_size;
             inner.max_size = max_size;
-            while inner.live > max_size {
-                // Oldest idle first.
-                if inner.idle.is_empty() {
-                    break;
-                }
+            // Oldest idle first.
+            while inner.live > max_size && !inner.idle.is_empty() {
                 let entry = inner.idle.remove(0);
                 self.retire_locked(&mut inner, entry.conn, retired, &mut wake);
             }
@@ -1694,6 +1833,127 @@ mod tests {
         assert_eq!(pool.housekeep(|conn| conn.0, &mut retired).to_create, 1);
         assert!(pool.admit_idle(Fake(1), &mut retired).is_err());
         assert_eq!(pool.stats().size, 1);
+    }
+
+    #[test]
+    fn a_connection_handed_to_a_waiter_cannot_be_returned_again() {
+        let (pool, _) = pool_with(sized(1));
+        let mut retired = Vec::new();
+        borrow(&pool, 1);
+        let Enqueued::Waiting(waiter) = pool
+            .enqueue(Box::new(|| {}), |conn: &Fake| conn.0, &mut retired)
+            .unwrap()
+        else {
+            panic!("the pool is full, so the caller must wait");
+        };
+        pool.checkin(1, None, false, false, &mut retired).unwrap();
+        let again = pool
+            .checkin(1, None, false, false, &mut retired)
+            .unwrap_err();
+        assert!(again.to_string().contains("already returned"), "{again}");
+        assert!(matches!(
+            pool.claim(&waiter, |conn: &Fake| conn.0),
+            Ok(Outcome::Ready { value: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn a_connection_being_reset_counts_as_held() {
+        let (pool, _) = pool_with(sized(2));
+        let mut retired = Vec::new();
+        borrow(&pool, 1);
+        let returning = pool.take_back(1, None).unwrap();
+        assert_eq!(no_wait(&pool).unwrap(), Outcome::Create);
+        assert!(pool.admit(Fake(1)).is_err(), "connection 1 is being reset");
+        assert!(pool.checkin(1, None, false, false, &mut retired).is_err());
+        pool.put_back(returning, false, false, &mut retired);
+        assert_eq!(borrow(&pool, 9).0, 1);
+    }
+
+    #[test]
+    fn a_replaced_connection_keeps_its_borrowers_turn() {
+        let (pool, _) = pool_with(sized(2));
+        let mut retired = Vec::new();
+        let (_, lease) = borrow(&pool, 1);
+        borrow(&pool, 2);
+        pool.checkin(2, None, false, false, &mut retired).unwrap();
+        // Connection 1 failed its check: its borrower gets the idle connection 2 instead.
+        let next = pool.replace(1, lease, |conn: &Fake| conn.0, &mut retired);
+        assert!(matches!(next, Ok(Outcome::Ready { value: 2, .. })));
+        assert_eq!(retired, vec![Fake(1)]);
+        // Connection 2 fails too and nothing is idle: the borrower keeps the slot to create in.
+        let Ok(Outcome::Ready { lease, .. }) = next else {
+            unreachable!()
+        };
+        borrow(&pool, 3);
+        let Enqueued::Waiting(waiter) = pool
+            .enqueue(Box::new(|| {}), |conn: &Fake| conn.0, &mut retired)
+            .unwrap()
+        else {
+            panic!("the pool is full, so the caller must wait");
+        };
+        assert_eq!(
+            pool.replace(2, lease, |conn: &Fake| conn.0, &mut retired)
+                .unwrap(),
+            Outcome::Create
+        );
+        assert!(!waiter.granted(), "the waiter behind did not overtake");
+        let stats = pool.stats();
+        assert_eq!((stats.size, stats.broken, stats.closed), (2, 2, 2));
+    }
+
+    #[test]
+    fn a_hand_off_is_checked_when_the_interval_is_zero() {
+        let (pool, _) = pool_with(PoolConfig {
+            check_interval_nanos: 0,
+            ..sized(1)
+        });
+        let mut retired = Vec::new();
+        borrow(&pool, 1);
+        let Enqueued::Waiting(waiter) = pool
+            .enqueue(Box::new(|| {}), |conn: &Fake| conn.0, &mut retired)
+            .unwrap()
+        else {
+            panic!("the pool is full, so the caller must wait");
+        };
+        pool.checkin(1, None, false, false, &mut retired).unwrap();
+        assert!(matches!(
+            pool.claim(&waiter, |conn: &Fake| conn.0),
+            Ok(Outcome::Ready {
+                needs_check: true,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn waiters_wait_for_background_refills_instead_of_opening_more() {
+        let (pool, _) = pool_with(PoolConfig {
+            min_size: 1,
+            timeout: None,
+            ..sized(3)
+        });
+        let mut retired = Vec::new();
+        assert_eq!(pool.housekeep(|conn| conn.0, &mut retired).to_create, 1);
+        let Enqueued::Waiting(first) = pool
+            .enqueue(Box::new(|| {}), |conn: &Fake| conn.0, &mut retired)
+            .unwrap()
+        else {
+            panic!("a refill is on its way, so the first caller waits for it");
+        };
+        assert!(matches!(
+            pool.enqueue(Box::new(|| {}), |conn: &Fake| conn.0, &mut retired),
+            Ok(Enqueued::Now(Outcome::Create))
+        ));
+        // A caller that cannot wait opens its own.
+        assert_eq!(no_wait(&pool).unwrap(), Outcome::Create);
+        // The refill fails: the first waiter gets the slot to create in.
+        pool.cancel_refill();
+        assert_eq!(
+            pool.claim(&first, |conn: &Fake| conn.0).unwrap(),
+            Outcome::Create
+        );
+        assert_eq!(pool.stats().size, 3);
     }
 
     #[test]

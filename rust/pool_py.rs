@@ -170,61 +170,111 @@ impl ConnectionPool {
         (conn, lease)
     }
 
-    /// Turns a checkout's outcome into a connection: checks an idle one when it is due,
-    /// creates one in a reserved slot. `None` means the connection failed its check (it was
-    /// closed and its slot freed) and the caller should check out again.
-    fn finish(&self, py: Python<'_>, outcome: Outcome<Py<PyAny>>) -> PyResult<Option<Held>> {
-        match outcome {
-            Outcome::Ready {
-                value,
-                lease,
-                needs_check,
-            } => {
-                if let (true, Some(check)) = (needs_check, &self.check) {
+    /// Turns a checkout's outcome into a connection: checks an idle one when it is due (one
+    /// that fails is closed and replaced, its borrower keeping its turn) and creates one in a
+    /// reserved slot.
+    fn finish(&self, py: Python<'_>, mut outcome: Outcome<Py<PyAny>>) -> PyResult<Held> {
+        loop {
+            match outcome {
+                Outcome::Ready {
+                    value,
+                    lease,
+                    needs_check,
+                } => {
+                    let Some(check) = self.check.as_ref().filter(|_| needs_check) else {
+                        return Ok(self.lent(py, value, lease));
+                    };
                     let conn = value.bind(py);
                     let (healthy, interrupted) = match check.call1(py, (conn,)) {
                         Ok(verdict) => (!verdict.bind(py).is(PyBool::new(py, false)), Ok(())),
                         Err(error) => (false, self.report_problem(py, "check", conn, error)),
                     };
-                    if !healthy {
-                        let mut retired = Vec::new();
-                        self.core.checkin(
-                            identity_of(conn),
-                            Some(lease),
-                            true,
-                            false,
-                            &mut retired,
-                        )?;
-                        self.close_retired(py, retired)?;
-                        interrupted?;
-                        return Ok(None);
+                    if healthy {
+                        return Ok(self.lent(py, value, lease));
                     }
+                    let mut retired = Vec::new();
+                    let next = self.core.replace(
+                        identity_of(conn),
+                        lease,
+                        |conn| conn.0.clone_ref(py),
+                        &mut retired,
+                    );
+                    let closed = self.close_retired(py, retired);
+                    let next = next?;
+                    if let Err(interrupt) = interrupted.and(closed) {
+                        self.abandon(py, next);
+                        return Err(interrupt);
+                    }
+                    outcome = next;
                 }
-                Ok(Some(self.lent(py, value, lease)))
+                Outcome::Create => {
+                    let conn = match self.create.call0(py) {
+                        Ok(conn) if conn.is_none(py) => {
+                            self.core.cancel_create();
+                            return Err(Error::wrong_type(
+                                "create",
+                                "create returned None; it must return a new connection.",
+                            )
+                            .into());
+                        }
+                        Ok(conn) => conn,
+                        Err(error) => {
+                            self.core.cancel_create();
+                            return Err(error);
+                        }
+                    };
+                    return match self.core.admit(PyConnection(conn.clone_ref(py))) {
+                        Ok(lease) => Ok(self.lent(py, conn, lease)),
+                        Err((error, retired)) => {
+                            self.close_retired(py, retired.into_iter().collect())?;
+                            Err(error.into())
+                        }
+                    };
+                }
             }
-            Outcome::Create => {
-                let conn = match self.create.call0(py) {
-                    Ok(conn) if conn.is_none(py) => {
-                        self.core.cancel_create();
-                        return Err(Error::wrong_type(
-                            "create",
-                            "create returned None; it must return a new connection.",
-                        )
-                        .into());
-                    }
-                    Ok(conn) => conn,
-                    Err(error) => {
-                        self.core.cancel_create();
-                        return Err(error);
-                    }
-                };
-                match self.core.admit(PyConnection(conn.clone_ref(py))) {
-                    Ok(lease) => Ok(Some(self.lent(py, conn, lease))),
-                    Err((error, retired)) => {
-                        self.close_retired(py, retired.into_iter().collect())?;
-                        Err(error.into())
-                    }
-                }
+        }
+    }
+
+    /// Gives back what a checkout got when an interrupt stops it before the caller has it.
+    fn abandon(&self, py: Python<'_>, outcome: Outcome<Py<PyAny>>) {
+        match outcome {
+            Outcome::Ready { value, lease, .. } => {
+                let mut retired = Vec::new();
+                let returned = self.core.checkin(
+                    identity_of(value.bind(py)),
+                    Some(lease),
+                    false,
+                    true,
+                    &mut retired,
+                );
+                debug_assert!(returned.is_ok(), "the connection was lent to this caller");
+                // Already raising an interrupt: a second one from a close is dropped.
+                let _ = self.close_retired(py, retired);
+            }
+            Outcome::Create => self.core.release_slot(),
+        }
+    }
+
+    /// Closes what a core call retired, then hands over its outcome: an interrupt raised by a
+    /// close is raised once the outcome is given back.
+    fn settle<R>(
+        &self,
+        py: Python<'_>,
+        retired: Vec<PyConnection>,
+        outcome: Result<R, Error>,
+        abandon: impl FnOnce(R),
+    ) -> PyResult<R> {
+        let closed = if retired.is_empty() {
+            Ok(())
+        } else {
+            self.close_retired(py, retired)
+        };
+        let outcome = outcome?;
+        match closed {
+            Ok(()) => Ok(outcome),
+            Err(interrupt) => {
+                abandon(outcome);
+                Err(interrupt)
             }
         }
     }
@@ -233,49 +283,24 @@ impl ConnectionPool {
         Ok(optional_duration("timeout", timeout)?.or(self.core.config().timeout))
     }
 
-    /// Checks out a connection, blocking (GIL released, signals checked) up to `timeout`.
+    /// Checks out a connection, blocking (GIL released, signals checked) up to `timeout`
+    /// (None: as long as it takes).
     fn checkout(&self, py: Python<'_>, timeout: Option<Duration>) -> PyResult<Held> {
-        let deadline = timeout.and_then(|timeout| Instant::now().checked_add(timeout));
-        loop {
-            let remaining = match (timeout, deadline) {
-                (None, _) => None,
-                (Some(_), Some(deadline)) => {
-                    Some(deadline.saturating_duration_since(Instant::now()))
-                }
-                (Some(timeout), None) => Some(timeout),
-            };
-            let mut retired = Vec::new();
-            let pause = |wait: &WaitSlice<'_>| -> PyResult<bool> {
-                if py.detach(|| wait(SIGNAL_CHECK_INTERVAL)) {
-                    return Ok(true);
-                }
-                py.check_signals().map(|()| false)
-            };
-            let outcome = self.core.checkout_with(
-                remaining.or(Some(Duration::MAX)),
-                |conn| conn.0.clone_ref(py),
-                &mut retired,
-                pause,
-            );
-            if !retired.is_empty() {
-                self.close_retired(py, retired)?;
+        let mut retired = Vec::new();
+        let pause = |wait: &WaitSlice<'_>| -> PyResult<bool> {
+            if py.detach(|| wait(SIGNAL_CHECK_INTERVAL)) {
+                return Ok(true);
             }
-            let outcome = match outcome? {
-                Ok(outcome) => outcome,
-                // Report the timeout the caller asked for, not what was left of it on a retry.
-                Err(Error::PoolTimeout { name, .. }) => {
-                    return Err(Error::PoolTimeout {
-                        name,
-                        timeout_seconds: timeout.map_or(0.0, |timeout| timeout.as_secs_f64()),
-                    }
-                    .into())
-                }
-                Err(error) => return Err(error.into()),
-            };
-            if let Some(held) = self.finish(py, outcome)? {
-                return Ok(held);
-            }
-        }
+            py.check_signals().map(|()| false)
+        };
+        let outcome = self.core.checkout_with(
+            Some(timeout.unwrap_or(Duration::MAX)),
+            |conn| conn.0.clone_ref(py),
+            &mut retired,
+            pause,
+        )?;
+        let outcome = self.settle(py, retired, outcome, |outcome| self.abandon(py, outcome))?;
+        self.finish(py, outcome)
     }
 
     /// Returns a connection: resets it (when a reset is set and it is not broken), then gives
@@ -383,6 +408,7 @@ impl ConnectionPool {
             max_lifetime_nanos: optional_nanos("max_lifetime", max_lifetime)?,
             lifetime_jitter,
             max_idle_nanos: optional_nanos("max_idle", max_idle)?,
+            checks: check.is_some(),
             check_interval_nanos: parse_seconds("check_interval", check_interval)?,
             leak_threshold_nanos: optional_nanos("leak_threshold", leak_threshold)?,
         };
@@ -434,17 +460,16 @@ impl ConnectionPool {
         })
     }
 
-    /// For the asyncio twin: a `(conn, lease)` pair now, a `PoolWaiter` whose `wake()` is
-    /// called once something was handed to it, or None when an idle connection failed its
-    /// check (ask again).
-    /// With `may_wait` false it never queues: no free connection raises `PoolTimeoutError`.
+    /// For the asyncio twin: a `(conn, lease)` pair now, or a `PoolWaiter` whose `wake()` is
+    /// called once something was handed to it (then `_claim` it). With `may_wait` false it
+    /// never queues: no free connection raises `PoolTimeoutError`.
     #[pyo3(signature = (wake, may_wait))]
     fn _enqueue<'py>(
         &self,
         py: Python<'py>,
         wake: Py<PyAny>,
         may_wait: bool,
-    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+    ) -> PyResult<Bound<'py, PyAny>> {
         let mut retired = Vec::new();
         let enqueued = if may_wait {
             let wake = Box::new(move || {
@@ -468,34 +493,30 @@ impl ConnectionPool {
                         })
                 })
         };
-        if !retired.is_empty() {
-            self.close_retired(py, retired)?;
-        }
-        match enqueued? {
-            Enqueued::Now(outcome) => match self.finish(py, outcome)? {
-                Some(held) => Ok(Some(Self::held_to_python(py, held)?.into_any())),
-                None => Ok(None),
-            },
+        let enqueued = self.settle(py, retired, enqueued, |enqueued| match enqueued {
+            Enqueued::Now(outcome) => self.abandon(py, outcome),
             Enqueued::Waiting(waiter) => {
-                Ok(Some(Bound::new(py, PoolWaiter { waiter })?.into_any()))
+                let mut retired = Vec::new();
+                self.core.leave(&waiter, Leave::Cancelled, &mut retired);
+                let _ = self.close_retired(py, retired);
             }
+        })?;
+        match enqueued {
+            Enqueued::Now(outcome) => {
+                let held = self.finish(py, outcome)?;
+                Ok(Self::held_to_python(py, held)?.into_any())
+            }
+            Enqueued::Waiting(waiter) => Ok(Bound::new(py, PoolWaiter { waiter })?.into_any()),
         }
     }
 
-    /// For the asyncio twin: what was handed to a woken waiter, as `(conn, lease)`, or None
-    /// when it failed its check (ask again).
-    fn _claim<'py>(
-        &self,
-        py: Python<'py>,
-        waiter: &PoolWaiter,
-    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+    /// For the asyncio twin: what was handed to a woken waiter, as `(conn, lease)`.
+    fn _claim<'py>(&self, py: Python<'py>, waiter: &PoolWaiter) -> PyResult<Bound<'py, PyTuple>> {
         let outcome = self
             .core
             .claim(&waiter.waiter, |conn| conn.0.clone_ref(py))?;
-        match self.finish(py, outcome)? {
-            Some(held) => Self::held_to_python(py, held).map(Some),
-            None => Ok(None),
-        }
+        let held = self.finish(py, outcome)?;
+        Self::held_to_python(py, held)
     }
 
     /// For the asyncio twin: leaves the queue. True when the wait timed out just as something
@@ -574,7 +595,7 @@ impl ConnectionPool {
                 .into(),
                 Err(error) => error,
             };
-            self.core.cancel_create();
+            self.core.cancel_refill();
             outcome = self.report_problem(py, "create", py.None().bind(py), failure);
             break;
         }

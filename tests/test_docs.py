@@ -7,8 +7,8 @@ import pathlib
 import re
 
 import buttress
-import buttress.errors
 import buttress.backends.sqlite
+import buttress.errors
 import buttress.lazy
 import buttress.pool
 import buttress.resilience.breaker

@@ -87,27 +87,18 @@ async def _checkout_async(pool: _core.ConnectionPool[Any], wait: float | None) -
     """Checks out without blocking the loop: a free connection at once, else a place in the
     pool's FIFO queue for at most ``wait`` seconds (None: as long as it takes)."""
     loop = asyncio.get_running_loop()
-    deadline = None if wait is None else loop.time() + wait
-    while True:
-        granted: asyncio.Future[None] = loop.create_future()
-        got = pool._enqueue(
-            functools.partial(loop.call_soon_threadsafe, resolve, granted), wait != 0
-        )
-        if got is None:
-            continue  # an idle connection failed its check; its slot is free again
-        if isinstance(got, tuple):
-            return got
-        waiter = got
-        remaining = None if deadline is None else max(0.0, deadline - loop.time())
+    granted: asyncio.Future[None] = loop.create_future()
+    got = pool._enqueue(functools.partial(loop.call_soon_threadsafe, resolve, granted), wait != 0)
+    if isinstance(got, tuple):
+        return got
+    waiter = got
 
-        def leave(timed_out: bool, waiter: _core.PoolWaiter = waiter) -> bool:
-            return pool._leave(waiter, timed_out)
+    def leave(timed_out: bool) -> bool:
+        return pool._leave(waiter, timed_out)
 
-        if not await await_turn(granted, remaining, leave):
-            raise PoolTimeoutError(pool.name, wait)
-        claimed = pool._claim(waiter)
-        if claimed is not None:
-            return claimed
+    if not await await_turn(granted, wait, leave):
+        raise PoolTimeoutError(pool.name, wait)
+    return pool._claim(waiter)
 
 
 async def _lease_aenter(lease: _core.PoolLease[Any]) -> Any:

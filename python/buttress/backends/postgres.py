@@ -33,19 +33,24 @@ def check(conn: psycopg.Connection[Any]) -> None:
     if conn.autocommit:
         conn.execute("")
         return
-    # Outside a transaction, so the check leaves none open behind it.
+    # Outside a transaction, so the check leaves none open behind it. On failure the connection
+    # is discarded, so it is not switched back (which would raise again and hide the cause).
     conn.autocommit = True
-    try:
-        conn.execute("")
-    finally:
-        conn.autocommit = False
+    conn.execute("")
+    conn.autocommit = False
 
 
 def reset(conn: psycopg.Connection[Any]) -> None:
-    """Rolls back what the borrower left open; raises for a connection that is broken."""
+    """Rolls back what the borrower left open. Raises (so the pool closes the connection) when
+    it is broken, or still busy with a query, such as an unfinished ``cursor.stream()``, whose
+    lock a rollback would wait on forever."""
     status = conn.info.transaction_status
     if conn.closed or status == pq.TransactionStatus.UNKNOWN:
         raise psycopg.OperationalError("The connection was lost while it was checked out.")
+    if status == pq.TransactionStatus.ACTIVE:
+        raise psycopg.OperationalError(
+            "The connection came back with a query still running; it is closed, not reused."
+        )
     if status != pq.TransactionStatus.IDLE:
         conn.rollback()
 

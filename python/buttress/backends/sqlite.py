@@ -9,19 +9,54 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import weakref
 from typing import Any
 
 from buttress.pool import ConnectionPool
 
-__all__ = ["check", "connect", "reset", "sqlite_pool"]
+__all__ = ["PooledConnection", "check", "connect", "reset", "sqlite_pool"]
+
+
+class PooledConnection(sqlite3.Connection):
+    """A ``sqlite3.Connection`` that remembers its open cursors, so the pool can finish them
+    when the connection comes back: a cursor left part-way through a ``SELECT`` holds a read
+    snapshot open, and the next borrower would read stale data."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._cursors: weakref.WeakSet[sqlite3.Cursor] = weakref.WeakSet()
+
+    def cursor(self, factory: Any = sqlite3.Cursor) -> Any:
+        cursor = super().cursor(factory)
+        self._cursors.add(cursor)
+        return cursor
+
+    # The C methods open their cursors without calling cursor(); these route through it.
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        cursor: sqlite3.Cursor = self.cursor().execute(sql, parameters)
+        return cursor
+
+    def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
+        cursor: sqlite3.Cursor = self.cursor().executemany(sql, parameters)
+        return cursor
+
+    def close_cursors(self) -> None:
+        """Finishes every statement a borrower left open."""
+        for cursor in list(self._cursors):
+            cursor.close()
 
 
 def connect(
     path: str | os.PathLike[str], *, busy_timeout: float = 5.0, wal: bool = True
-) -> sqlite3.Connection:
+) -> PooledConnection:
     """Opens one connection the way the pool does: shareable across threads (one at a time),
     waiting up to ``busy_timeout`` seconds for a lock, in WAL mode for files when ``wal``."""
-    conn = sqlite3.connect(os.fspath(path), timeout=busy_timeout, check_same_thread=False)
+    conn = sqlite3.connect(
+        os.fspath(path),
+        timeout=busy_timeout,
+        check_same_thread=False,
+        factory=PooledConnection,
+    )
     try:
         if wal and os.fspath(path) not in ("", ":memory:"):
             conn.execute("pragma journal_mode=wal")
@@ -38,7 +73,10 @@ def check(conn: sqlite3.Connection) -> None:
 
 
 def reset(conn: sqlite3.Connection) -> None:
-    """Rolls back whatever the borrower left open, so the next one starts clean."""
+    """Finishes the statements and rolls back the transaction the borrower left open, so the
+    next one starts clean (and reads the latest data)."""
+    if isinstance(conn, PooledConnection):
+        conn.close_cursors()
     if conn.in_transaction:
         conn.rollback()
 
@@ -50,7 +88,7 @@ def sqlite_pool(
     busy_timeout: float = 5.0,
     wal: bool = True,
     **options: Any,
-) -> ConnectionPool[sqlite3.Connection]:
+) -> ConnectionPool[PooledConnection]:
     """A pool of connections to the SQLite database at ``path``.
 
     Uncommitted work is rolled back on return; ``options`` go to ``ConnectionPool`` (for
