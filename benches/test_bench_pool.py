@@ -4,7 +4,6 @@ real PostgreSQL server."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 import time
@@ -12,12 +11,22 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-import _harness
 import buttress
 import psycopg
 import psycopg_pool
 import pytest
-from _harness import BARE_FORM, BASELINE, BUTTRESS, FLOOR, Bench, Case, Made, Make, registrar
+from _harness import (
+    BARE_FORM,
+    BASELINE,
+    BUTTRESS,
+    FLOOR,
+    Bench,
+    Case,
+    Counts,
+    Made,
+    Make,
+    registrar,
+)
 from buttress.backends.postgres import postgres_pool
 from dbutils.pooled_db import PooledDB
 from psycopg import pq
@@ -350,65 +359,9 @@ def test_pool_cycle(bench: Bench, case: Case) -> None:
 
 # --- fewer timed calls for the slow groups ----------------------------------------------------
 #
-# The harness times every body ROUNDS x ITERATIONS times (after WARMUP_ROUNDS rounds), then
-# INTERLEAVED_ROUNDS x INTERLEAVED_CALLS times for the report: about 950,000 calls, seconds for a
-# body of a few µs but hours for a contended batch (milliseconds) or a PostgreSQL round trip
-# (tenths of a millisecond), and it has no setting per group. So these cases lower the counts:
-# make() sets the harness's module-level counts (read when the timing starts, after every
-# make() of the group), and verify(), which both passes call right after timing the group,
-# puts them back; the test functions put them back as well if a case fails before its verify.
-
-_COUNT_NAMES = ("ROUNDS", "ITERATIONS", "WARMUP_ROUNDS", "INTERLEAVED_ROUNDS", "INTERLEAVED_CALLS")
-_HARNESS_COUNTS = {name: getattr(_harness, name) for name in _COUNT_NAMES}
-
-
-@dataclasses.dataclass(frozen=True)
-class Counts:
-    rounds: int
-    iterations: int
-    warmup_rounds: int
-    interleaved_rounds: int
-    interleaved_calls: int
-
-    def apply(self) -> None:
-        for name, value in zip(_COUNT_NAMES, dataclasses.astuple(self), strict=True):
-            setattr(_harness, name, value)
-
-    def describe(self) -> str:
-        return (
-            f"timed {self.rounds}x{self.iterations} and "
-            f"{self.interleaved_rounds}x{self.interleaved_calls} calls"
-        )
-
-
-def _restore_counts() -> None:
-    for name, value in _HARNESS_COUNTS.items():
-        setattr(_harness, name, value)
-
-
-def counted(cases: list[Case], counts: Counts) -> Callable[[str, str], Callable[[Make], Make]]:
-    """``registrar`` for cases timed in `counts` calls instead of the harness's."""
-    add = registrar(cases)
-
-    def add_counted(lib: str, form: str) -> Callable[[Make], Make]:
-        def register(make: Make) -> Make:
-            def make_counted() -> Made:
-                run, verify = make()
-                counts.apply()
-
-                def verify_counted() -> str:
-                    _restore_counts()
-                    return f"{verify()}; {counts.describe()}"
-
-                return run, verify_counted
-
-            add(lib, form)(make_counted)
-            return make
-
-        return register
-
-    return add_counted
-
+# The default counts time a body about 950,000 times: seconds for a body of a few µs, hours for a
+# contended batch (milliseconds) or a PostgreSQL round trip (tenths of a millisecond). These
+# groups register their cases with counts of their own.
 
 # --- pool-contended and pool-contended-io: 8 threads on 4 connections -------------------------
 
@@ -614,30 +567,24 @@ CONTENDED_COUNTS = Counts(
 # threads mostly take turns and a checkout rarely waits (the check column counts those that
 # did). This measures what eight threads get through when the pool's own cost is what they pay.
 CONTENDED: list[Case] = []
-_contended_cases(counted(CONTENDED, CONTENDED_COUNTS), _spin, CYCLES)
+_contended_cases(registrar(CONTENDED, CONTENDED_COUNTS), _spin, CYCLES)
 
 # The hold gives up the GIL (time.sleep(0)), as real queries do: the other threads run, four
 # hold connections and nearly every checkout waits for one. Thread switches dominate here.
 CONTENDED_IO: list[Case] = []
-_contended_cases(counted(CONTENDED_IO, CONTENDED_COUNTS), _yield, IO_CYCLES)
+_contended_cases(registrar(CONTENDED_IO, CONTENDED_COUNTS), _yield, IO_CYCLES)
 
 
 @pytest.mark.benchmark(group="pool-contended")
 @pytest.mark.parametrize("case", CONTENDED, ids=lambda case: case.id)
 def test_pool_contended(bench: Bench, case: Case) -> None:
-    try:
-        bench(case, expect=THREADS * CYCLES)
-    finally:
-        _restore_counts()
+    bench(case, expect=THREADS * CYCLES)
 
 
 @pytest.mark.benchmark(group="pool-contended-io")
 @pytest.mark.parametrize("case", CONTENDED_IO, ids=lambda case: case.id)
 def test_pool_contended_io(bench: Bench, case: Case) -> None:
-    try:
-        bench(case, expect=THREADS * IO_CYCLES)
-    finally:
-        _restore_counts()
+    bench(case, expect=THREADS * IO_CYCLES)
 
 
 # --- pool-postgres: checkout + `select 1` + checkin on a real server --------------------------
@@ -674,7 +621,7 @@ def _require_postgres() -> None:
 # can be several times another's in one run and not in the next: read this group's medians
 # together with their median/min, and expect near 1x when they agree.
 POSTGRES: list[Case] = []
-pg = counted(POSTGRES, POSTGRES_COUNTS)
+pg = registrar(POSTGRES, POSTGRES_COUNTS)
 
 
 @pg(BUTTRESS, "with connection()")
@@ -756,7 +703,4 @@ def _() -> Made:
 @pytest.mark.parametrize("case", POSTGRES, ids=lambda case: case.id)
 def test_pool_postgres(bench: Bench, case: Case) -> None:
     _require_postgres()
-    try:
-        bench(case, expect=(1,))
-    finally:
-        _restore_counts()
+    bench(case, expect=(1,))

@@ -1336,6 +1336,21 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
         Ok(true)
     }
 
+    /// Runs `f` on a connection lent out under `lease`, if it still is.
+    pub fn with_borrowed<R>(
+        &self,
+        identity: usize,
+        lease: u64,
+        f: impl FnOnce(&C) -> R,
+    ) -> Option<R> {
+        let inner = self.lock();
+        inner
+            .borrowed
+            .get(&identity)
+            .filter(|borrowed| borrowed.lease == lease)
+            .map(|borrowed| f(&borrowed.entry.conn))
+    }
+
     /// Whether `identity` is a connection this pool has lent out now.
     pub fn is_borrowed(&self, identity: usize) -> bool {
         self.lock().borrowed.contains_key(&identity)

@@ -15,7 +15,8 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a blocked thread sleeps with the GIL released before it looks for signals.
@@ -308,19 +309,19 @@ impl ConnectionPool {
     fn give_back(
         &self,
         py: Python<'_>,
-        conn: &Bound<'_, PyAny>,
+        identity: usize,
         lease: Option<u64>,
         broken: bool,
         suspect: bool,
     ) -> PyResult<()> {
-        let identity = identity_of(conn);
         let mut retired = Vec::new();
         match (&self.reset, broken) {
             (Some(reset), false) => {
                 let returning = self.core.take_back(identity, lease)?;
-                let (reset_failed, interrupted) = match reset.call1(py, (conn,)) {
+                let conn = returning.connection().0.clone_ref(py).into_bound(py);
+                let (reset_failed, interrupted) = match reset.call1(py, (&conn,)) {
                     Ok(_) => (false, Ok(())),
-                    Err(error) => (true, self.report_problem(py, "reset", conn, error)),
+                    Err(error) => (true, self.report_problem(py, "reset", &conn, error)),
                 };
                 self.core
                     .put_back(returning, reset_failed, suspect, &mut retired);
@@ -338,20 +339,28 @@ impl ConnectionPool {
         Ok(())
     }
 
-    /// Whether the errora borrower's block ended with means the connection is broken.
+    /// Whether the error a borrower's block ended with means the connection is broken.
     fn broken_by(
         &self,
         py: Python<'_>,
-        conn: &Bound<'_, PyAny>,
+        identity: usize,
+        lease: u64,
         error: &Bound<'_, PyAny>,
     ) -> (bool, PyResult<()>) {
         // A failing `is_broken` counts as "broken"; an interrupt is handed back to be raised.
         let Some(is_broken) = &self.is_broken else {
             return (false, Ok(()));
         };
-        match is_broken.call1(py, (conn, error)) {
+        let Some(conn) = self
+            .core
+            .with_borrowed(identity, lease, |conn| conn.0.clone_ref(py))
+        else {
+            return (false, Ok(()));
+        };
+        let conn = conn.into_bound(py);
+        match is_broken.call1(py, (&conn, error)) {
             Ok(verdict) => (verdict.bind(py).is_truthy().unwrap_or(true), Ok(())),
-            Err(failure) => (true, self.report_problem(py, "is_broken", conn, failure)),
+            Err(failure) => (true, self.report_problem(py, "is_broken", &conn, failure)),
         }
     }
 
@@ -443,7 +452,7 @@ impl ConnectionPool {
     /// is refilled). Returning one twice, or one the pool did not lend, raises `ValueError`.
     #[pyo3(signature = (conn, *, broken = false))]
     fn release(&self, conn: &Bound<'_, PyAny>, broken: bool) -> PyResult<()> {
-        self.give_back(conn.py(), conn, None, broken, false)
+        self.give_back(conn.py(), identity_of(conn), None, broken, false)
     }
 
     /// A context manager that checks out a connection on entry and always returns it on exit,
@@ -456,7 +465,8 @@ impl ConnectionPool {
         Ok(PoolLease {
             pool: slf.clone().unbind(),
             timeout: slf.get().effective_timeout(timeout)?,
-            held: Mutex::new(None),
+            identity: AtomicUsize::new(0),
+            lease: AtomicU64::new(0),
         })
     }
 
@@ -542,7 +552,7 @@ impl ConnectionPool {
         broken: bool,
         suspect: bool,
     ) -> PyResult<()> {
-        self.give_back(conn.py(), conn, Some(lease), broken, suspect)
+        self.give_back(conn.py(), identity_of(conn), Some(lease), broken, suspect)
     }
 
     /// One round of housekeeping: closes idle connections past their lifetime or idle limit,
@@ -810,13 +820,20 @@ impl ConnectionPool {
 pub struct PoolLease {
     pool: Py<ConnectionPool>,
     timeout: Option<Duration>,
-    held: Mutex<Option<Held>>,
+    // The checkout held, as the connection's identity (0: none) and lease. The pool keeps the
+    // connection itself alive while it is borrowed, so two atomics are all a lease needs.
+    identity: AtomicUsize,
+    lease: AtomicU64,
 }
 
 impl PoolLease {
-    fn hold(&self, held: Held) -> PyResult<()> {
-        let mut slot = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_some() {
+    fn hold(&self, identity: usize, lease: u64) -> PyResult<()> {
+        // Claim the empty lease first, so a second entry cannot overwrite the first's lease.
+        if self
+            .identity
+            .compare_exchange(0, RESERVED, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
             return Err(Error::Misuse(
                 "This connection() block was entered twice; each `with pool.connection()` \
                  holds one connection."
@@ -824,10 +841,15 @@ impl PoolLease {
             )
             .into());
         }
-        *slot = Some(held);
+        self.lease.store(lease, Ordering::Relaxed);
+        // Release: whoever takes the identity also sees the lease stored before it.
+        self.identity.store(identity, Ordering::Release);
         Ok(())
     }
 }
+
+/// A lease's identity while its entry is storing the lease (no object lives at this address).
+const RESERVED: usize = usize::MAX;
 
 #[pymethods]
 impl PoolLease {
@@ -845,10 +867,10 @@ impl PoolLease {
 
     fn __enter__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let pool = self.pool.get();
-        let held = pool.checkout(py, self.timeout)?;
-        let conn = held.0.clone_ref(py);
-        if let Err(error) = self.hold(held) {
-            pool.give_back(py, conn.bind(py), None, false, false)?;
+        let (conn, lease) = pool.checkout(py, self.timeout)?;
+        let identity = conn.as_ptr() as usize;
+        if let Err(error) = self.hold(identity, lease) {
+            pool.give_back(py, identity, Some(lease), false, false)?;
             return Err(error);
         }
         Ok(conn)
@@ -862,28 +884,28 @@ impl PoolLease {
         exc_value: &Bound<'_, PyAny>,
         _traceback: &Bound<'_, PyAny>,
     ) -> PyResult<bool> {
-        let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let Some((conn, lease)) = held else {
+        let identity = self.identity.swap(0, Ordering::Acquire);
+        if identity == 0 || identity == RESERVED {
             return Err(Error::Misuse(
                 "This connection() block was exited without holding a connection.".to_owned(),
             )
             .into());
-        };
+        }
+        let lease = self.lease.load(Ordering::Relaxed);
         let pool = self.pool.get();
-        let conn = conn.bind(py);
         let failed = !exc_value.is_none();
         let (broken, interrupted) = if failed {
-            pool.broken_by(py, conn, exc_value)
+            pool.broken_by(py, identity, lease, exc_value)
         } else {
             (false, Ok(()))
         };
-        pool.give_back(py, conn, Some(lease), broken, failed)?;
+        pool.give_back(py, identity, Some(lease), broken, failed)?;
         interrupted.map(|()| false)
     }
 
     /// Records the connection an asynchronous entry checked out (internal).
-    fn _hold(&self, conn: Py<PyAny>, lease: u64) -> PyResult<()> {
-        self.hold((conn, lease))
+    fn _hold(&self, conn: &Bound<'_, PyAny>, lease: u64) -> PyResult<()> {
+        self.hold(identity_of(conn), lease)
     }
 
     fn __aenter__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
@@ -901,13 +923,7 @@ impl PoolLease {
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
-        visit.call(&self.pool)?;
-        if let Ok(held) = self.held.try_lock() {
-            if let Some((conn, _)) = held.as_ref() {
-                visit.call(conn)?;
-            }
-        }
-        Ok(())
+        visit.call(&self.pool)
     }
 }
 
