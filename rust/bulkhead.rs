@@ -6,9 +6,11 @@
 //! variable on the same mutex) or callbacks (for asyncio, which must not block a thread).
 
 use crate::errors::{Error, FullReason, Result};
+pub use crate::waiting::WaitSlice;
+use crate::waiting::{Signal, Wake};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -35,16 +37,6 @@ impl BulkheadConfig {
 const WAITING: u8 = 0;
 const GRANTED: u8 = 1;
 const ABANDONED: u8 = 2;
-
-type Wake = Box<dyn Fn() + Send + Sync>;
-
-/// Waits up to the given time for a queued permit; `true` once it is held.
-pub type WaitSlice<'a> = dyn Fn(Duration) -> bool + Sync + 'a;
-
-enum Signal {
-    Thread(Condvar),
-    Callback(Wake),
-}
 
 /// One caller in the queue. Its `state` only changes under the bulkhead's mutex.
 pub struct Waiter {
@@ -188,7 +180,7 @@ impl Bulkhead {
                 inner.stats.rejected += 1;
                 return Ok(Err(self.full(FullReason::NoCapacity)));
             }
-            match self.join_queue(&mut inner, Signal::Thread(Condvar::new())) {
+            match self.join_queue(&mut inner, Signal::for_thread()) {
                 Ok(waiter) => waiter,
                 Err(error) => return Ok(Err(error)),
             }
@@ -223,22 +215,8 @@ impl Bulkhead {
 
     /// Waits for at most `slice`; `true` once the waiter holds a permit.
     fn wait_slice(&self, waiter: &Waiter, slice: Duration) -> bool {
-        let inner = self.lock();
-        if waiter.granted() {
-            return true;
-        }
-        let Signal::Thread(condvar) = &waiter.signal else {
-            return false;
-        };
-        // Condvar waits cap their own timeout; a spurious wake-up just returns early.
-        let inner = condvar
-            .wait_timeout(inner, slice.min(Duration::from_secs(3600)))
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
-        drop(inner);
-        waiter.granted()
+        waiter.signal.wait(self.lock(), slice, || waiter.granted())
     }
-
     /// Takes a permit now or joins the queue with `wake`, called once the permit is handed over.
     pub fn enqueue_callback(&self, wake: Wake) -> Result<Enqueued> {
         let mut inner = self.lock();
@@ -294,20 +272,12 @@ impl Bulkhead {
                     inner.active -= 1;
                     None
                 }
-                Some(waiter) => match &waiter.signal {
-                    Signal::Thread(condvar) => {
-                        condvar.notify_one();
-                        None
-                    }
-                    Signal::Callback(_) => Some(waiter),
-                },
+                Some(waiter) => waiter.signal.notify().then_some(waiter),
             }
         };
         // Callbacks run outside the lock: they call into the event loop.
         if let Some(waiter) = wake {
-            if let Signal::Callback(wake) = &waiter.signal {
-                wake();
-            }
+            waiter.signal.run();
         }
         Ok(())
     }

@@ -15,6 +15,7 @@ pub mod errors;
 pub mod jitter;
 pub mod pool;
 mod pool_py;
+pub mod waiting;
 
 use pyo3::prelude::*;
 

@@ -13,6 +13,8 @@
 use crate::clock::Clock;
 use crate::errors::{Error, Result};
 use crate::jitter::JitterSource;
+pub use crate::waiting::WaitSlice;
+use crate::waiting::{Signal, Wake};
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -185,13 +187,6 @@ enum WaitState {
     Left,
 }
 
-type Wake = Box<dyn Fn() + Send + Sync>;
-
-enum Signal {
-    Thread(Condvar),
-    Callback(Wake),
-}
-
 /// One caller in the queue. Its state only changes while the pool's mutex is held; its own
 /// mutex is never contended and only satisfies the borrow checker.
 pub struct Waiter {
@@ -213,9 +208,6 @@ impl Waiter {
         matches!(self.state(), WaitState::Granted(_))
     }
 }
-
-/// Waits up to the given time; `true` once the waiter was granted something.
-pub type WaitSlice<'a> = dyn Fn(Duration) -> bool + Sync + 'a;
 
 /// What a checkout got.
 #[derive(Debug, PartialEq, Eq)]
@@ -473,18 +465,15 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
 
     fn grant_locked(&self, waiter: Arc<Waiter>, grant: Grant, wake: &mut Vec<Arc<Waiter>>) {
         waiter.set_state(WaitState::Granted(grant));
-        match &waiter.signal {
-            Signal::Thread(condvar) => condvar.notify_one(),
-            // Callbacks call into an event loop: they run once the lock is released.
-            Signal::Callback(_) => wake.push(waiter),
+        // Callbacks call into an event loop: they run once the lock is released.
+        if waiter.signal.notify() {
+            wake.push(waiter);
         }
     }
 
     fn run_wakes(wake: Vec<Arc<Waiter>>) {
         for waiter in wake {
-            if let Signal::Callback(callback) = &waiter.signal {
-                callback();
-            }
+            waiter.signal.run();
         }
     }
 
@@ -644,7 +633,7 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
                     Err(Err(self.timeout_error(timeout)))
                 }
                 None => self
-                    .join_queue_locked(&mut inner, Signal::Thread(Condvar::new()))
+                    .join_queue_locked(&mut inner, Signal::for_thread())
                     .map_err(Err),
             };
             drop(inner);
@@ -682,22 +671,8 @@ impl<C: Connection + Send, T: Send> Pool<C, T> {
     }
 
     fn wait_slice(&self, waiter: &Waiter, slice: Duration) -> bool {
-        let inner = self.lock();
-        if waiter.granted() {
-            return true;
-        }
-        let Signal::Thread(condvar) = &waiter.signal else {
-            return false;
-        };
-        // Condvar waits cap their own timeout; a spurious wake-up just returns early.
-        let inner = condvar
-            .wait_timeout(inner, slice.min(Duration::from_secs(3600)))
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
-        drop(inner);
-        waiter.granted()
+        waiter.signal.wait(self.lock(), slice, || waiter.granted())
     }
-
     /// Serves a caller now, or queues it with `wake`, called (outside the lock) once it has
     /// been granted something; then `claim` the grant, or `leave` to give up.
     pub fn enqueue<R>(

@@ -8,7 +8,6 @@ the two did the work. Real waits are short and end by polling against a generous
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import sys
@@ -30,6 +29,8 @@ from buttress import (
     PoolStats,
     PoolTimeoutError,
 )
+from support import FakeConnection as Conn
+from support import check_connection as check
 
 JOIN = 5.0
 LOGGER = "buttress.pool"
@@ -41,25 +42,6 @@ class Boom(Exception):
 
 class Interrupt(BaseException):
     """Not an Exception, like KeyboardInterrupt: the pool must let it through."""
-
-
-class Conn:
-    """A fake connection that records what the pool did to it."""
-
-    _numbers = itertools.count(1)
-
-    def __init__(self) -> None:
-        self.number = next(self._numbers)
-        self.closes = 0
-        self.checks = 0
-        self.resets = 0
-        self.alive = True
-
-    def close(self) -> None:
-        self.closes += 1
-
-    def __repr__(self) -> str:
-        return f"Conn({self.number})"
 
 
 class Factory:
@@ -78,11 +60,6 @@ class Factory:
         with self.lock:
             self.made.append(conn)
         return conn
-
-
-def check(conn: Conn) -> bool:
-    conn.checks += 1
-    return conn.alive
 
 
 def reset(conn: Conn) -> None:

@@ -10,7 +10,6 @@ callbacks is fixed.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import sys
 import threading
@@ -26,6 +25,8 @@ from buttress import (
     PoolFullError,
     PoolTimeoutError,
 )
+from support import FakeConnection as Conn
+from support import check_connection as check
 
 JOIN = 5.0
 SHORT = 0.05
@@ -33,29 +34,6 @@ SHORT = 0.05
 
 class Boom(Exception):
     """The failure the tests raise inside `async with pool.connection()` blocks."""
-
-
-class Conn:
-    """A fake connection that records what the pool did to it."""
-
-    _numbers = itertools.count(1)
-
-    def __init__(self) -> None:
-        self.number = next(self._numbers)
-        self.closes = 0
-        self.checks = 0
-        self.alive = True
-
-    def close(self) -> None:
-        self.closes += 1
-
-    def __repr__(self) -> str:
-        return f"Conn({self.number})"
-
-
-def check(conn: Conn) -> bool:
-    conn.checks += 1
-    return conn.alive
 
 
 async def until(condition: Callable[[], bool], timeout: float = JOIN) -> None:

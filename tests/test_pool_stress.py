@@ -9,7 +9,6 @@ not finish. Only invariants are asserted, never timings.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import random
 import threading
 import time
@@ -18,6 +17,7 @@ from contextlib import suppress
 from typing import Any
 
 from buttress import ConnectionPool, PoolTimeoutError
+from support import FakeConnection as Conn
 
 JOIN = 30.0  # the longest any worker may take: far more than a healthy run needs
 THREADS = 8
@@ -30,25 +30,6 @@ class Boom(Exception):
 
 class Fatal(Exception):
     """A failure that breaks the connection (is_broken says so)."""
-
-
-class Conn:
-    """A fake connection that knows who holds it."""
-
-    _numbers = itertools.count(1)
-
-    def __init__(self) -> None:
-        self.number = next(self._numbers)
-        self.holder: object | None = None
-        self.uses = 0
-        self.closes = 0
-        self.alive = True
-
-    def close(self) -> None:
-        self.closes += 1
-
-    def __repr__(self) -> str:
-        return f"Conn({self.number})"
 
 
 class Ledger:
