@@ -1398,6 +1398,14 @@ mod tests {
         .unwrap()
     }
 
+    /// Queues a caller that must wait (the pool is full), woken by a callback that does nothing.
+    fn queue(pool: &TestPool) -> Arc<Waiter> {
+        match pool.enqueue(Box::new(|| {}), |conn: &Fake| conn.0, &mut Vec::new()) {
+            Ok(Enqueued::Waiting(waiter)) => waiter,
+            _ => panic!("the pool is full, so the caller must wait"),
+        }
+    }
+
     /// Checks out one connection, creating connection `next` when the pool grants a slot.
     fn borrow(pool: &TestPool, next: usize) -> (usize, u64) {
         match no_wait(pool).unwrap() {
@@ -1668,12 +1676,7 @@ mod tests {
         borrow(&pool, 1);
         let mut waiters = Vec::new();
         for _ in 0..2 {
-            let Enqueued::Waiting(waiter) = pool
-                .enqueue(Box::new(|| {}), |conn: &Fake| conn.0, &mut retired)
-                .unwrap()
-            else {
-                panic!("the pool is full, so the caller must wait");
-            };
+            let waiter = queue(&pool);
             waiters.push(waiter);
         }
         pool.checkin(1, None, false, false, &mut retired).unwrap();
@@ -1688,12 +1691,7 @@ mod tests {
             Ok(Outcome::Ready { value: 1, .. })
         ));
         // A timed-out waiter whose grant raced in keeps it.
-        let Enqueued::Waiting(late) = pool
-            .enqueue(Box::new(|| {}), |conn: &Fake| conn.0, &mut retired)
-            .unwrap()
-        else {
-            panic!("the pool is full, so the caller must wait");
-        };
+        let late = queue(&pool);
         pool.checkin(1, None, false, false, &mut retired).unwrap();
         assert!(pool.leave(&late, Leave::TimedOut, &mut retired));
         assert!(pool.claim(&late, |conn: &Fake| conn.0).is_ok());
@@ -1726,12 +1724,7 @@ mod tests {
         borrow(&pool, 2);
         pool.checkin(2, None, false, false, &mut retired).unwrap();
         borrow(&pool, 9);
-        let Enqueued::Waiting(waiter) = pool
-            .enqueue(Box::new(|| {}), |conn: &Fake| conn.0, &mut retired)
-            .unwrap()
-        else {
-            panic!("the pool is full, so the caller must wait");
-        };
+        let waiter = queue(&pool);
         pool.checkin(2, None, false, false, &mut retired).unwrap();
         // Handed to the waiter, which has not claimed it yet.
         pool.close(&mut retired);
@@ -1752,12 +1745,7 @@ mod tests {
         let (pool, _) = pool_with(sized(1));
         let mut retired = Vec::new();
         borrow(&pool, 1);
-        let Enqueued::Waiting(waiter) = pool
-            .enqueue(Box::new(|| {}), |conn: &Fake| conn.0, &mut retired)
-            .unwrap()
-        else {
-            panic!("the pool is full, so the caller must wait");
-        };
+        let waiter = queue(&pool);
         pool.close(&mut retired);
         assert!(matches!(
             pool.claim(&waiter, |conn: &Fake| conn.0),
@@ -1770,12 +1758,7 @@ mod tests {
         let (pool, _) = pool_with(sized(1));
         let mut retired = Vec::new();
         borrow(&pool, 1);
-        let Enqueued::Waiting(waiter) = pool
-            .enqueue(Box::new(|| {}), |conn: &Fake| conn.0, &mut retired)
-            .unwrap()
-        else {
-            panic!("the pool is full, so the caller must wait");
-        };
+        let waiter = queue(&pool);
         pool.resize(0, 2, &mut retired).unwrap();
         assert_eq!(
             pool.claim(&waiter, |conn: &Fake| conn.0).unwrap(),
@@ -1830,12 +1813,7 @@ mod tests {
         let (pool, _) = pool_with(sized(1));
         let mut retired = Vec::new();
         borrow(&pool, 1);
-        let Enqueued::Waiting(waiter) = pool
-            .enqueue(Box::new(|| {}), |conn: &Fake| conn.0, &mut retired)
-            .unwrap()
-        else {
-            panic!("the pool is full, so the caller must wait");
-        };
+        let waiter = queue(&pool);
         pool.checkin(1, None, false, false, &mut retired).unwrap();
         let again = pool
             .checkin(1, None, false, false, &mut retired)
@@ -1876,12 +1854,7 @@ mod tests {
             unreachable!()
         };
         borrow(&pool, 3);
-        let Enqueued::Waiting(waiter) = pool
-            .enqueue(Box::new(|| {}), |conn: &Fake| conn.0, &mut retired)
-            .unwrap()
-        else {
-            panic!("the pool is full, so the caller must wait");
-        };
+        let waiter = queue(&pool);
         assert_eq!(
             pool.replace(2, lease, |conn: &Fake| conn.0, &mut retired)
                 .unwrap(),
@@ -1900,12 +1873,7 @@ mod tests {
         });
         let mut retired = Vec::new();
         borrow(&pool, 1);
-        let Enqueued::Waiting(waiter) = pool
-            .enqueue(Box::new(|| {}), |conn: &Fake| conn.0, &mut retired)
-            .unwrap()
-        else {
-            panic!("the pool is full, so the caller must wait");
-        };
+        let waiter = queue(&pool);
         pool.checkin(1, None, false, false, &mut retired).unwrap();
         assert!(matches!(
             pool.claim(&waiter, |conn: &Fake| conn.0),

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from buttress import Bulkhead, CircuitBreaker, ManualClock
+
+# The longest a test waits for something that should happen at once, before calling it a hang.
+JOIN = 5.0
 
 
 def make_breaker(clock: ManualClock, **options: Any) -> CircuitBreaker:
@@ -54,3 +63,72 @@ def check_connection(conn: FakeConnection) -> bool:
     """A pool `check` for fake connections: counts the check, passes while it is alive."""
     conn.checks += 1
     return conn.alive
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = JOIN) -> None:
+    """Polls `condition` until it holds; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.001)
+
+
+async def until(condition: Callable[[], bool], timeout: float = JOIN) -> None:
+    """`wait_until` for a coroutine: polls without blocking the event loop."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.001)
+
+
+async def cancel(task: asyncio.Task[Any]) -> None:
+    """Cancels `task` and checks that it ends cancelled, in time."""
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, JOIN)
+
+
+@contextmanager
+def background(target: Callable[[], Any]) -> Iterator[threading.Thread]:
+    """Runs `target` on a thread and fails the test if it does not finish or raises."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            target()
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        thread.join(JOIN)
+    assert not thread.is_alive(), "background thread hung"
+    if errors:
+        raise errors[0]
+
+
+def run_threads(worker: Callable[[int], None], count: int, within: float) -> None:
+    """Runs `worker(index)` on `count` threads, re-raising the first error; fails when they
+    are not all done within `within` seconds (a hang)."""
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            worker(index)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + within
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), "a worker thread hung"
+    if errors:
+        raise errors[0]

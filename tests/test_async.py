@@ -19,7 +19,7 @@ from buttress import (
     CircuitState,
     ManualClock,
 )
-from support import make_breaker
+from support import cancel, make_breaker, until
 
 SHORT = 0.05
 JOIN = 5.0
@@ -45,20 +45,6 @@ def half_open(clock: ManualClock, **options: Any) -> CircuitBreaker:
 
 async def forever() -> None:
     await asyncio.Event().wait()
-
-
-async def until(condition: Callable[[], bool], timeout: float = JOIN) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.001)
-
-
-async def cancel(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(task, JOIN)
 
 
 def active_waiting(bulkhead: Bulkhead) -> tuple[int, int]:

@@ -11,15 +11,12 @@ import pickle
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import pytest
 from buttress import Bulkhead, BulkheadFullError, BulkheadRegistry, BulkheadStats, ButtressError
 from hypothesis import given
 from hypothesis import strategies as st
-from support import bulkhead_stats
+from support import background, bulkhead_stats, wait_until
 
 SHORT = 0.05
 JOIN = 5.0
@@ -31,39 +28,6 @@ class Boom(Exception):
 
 def raise_(error: BaseException) -> None:
     raise error
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = JOIN) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.001)
-
-
-@contextmanager
-def background(target: Callable[[], Any]) -> Iterator[threading.Thread]:
-    """Runs `target` on a thread and fails the test if it does not finish."""
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            target()
-        except BaseException as error:
-            errors.append(error)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        yield thread
-    finally:
-        thread.join(JOIN)
-    assert not thread.is_alive(), "background thread hung"
-    if errors:
-        raise errors[0]
-
-
-# ---- construction ------------------------------------------------------------------------
 
 
 def test_defaults_and_properties() -> None:

@@ -12,9 +12,7 @@ import logging
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -30,6 +28,7 @@ from buttress import (
     PoolTimeoutError,
 )
 from support import FakeConnection as Conn
+from support import background, wait_until
 from support import check_connection as check
 
 JOIN = 5.0
@@ -84,36 +83,6 @@ def make_pool(factory: Factory) -> Iterator[Callable[..., ConnectionPool[Conn]]]
     yield make
     for pool in pools:
         pool.close(timeout=0)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = JOIN) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.001)
-
-
-@contextmanager
-def background(target: Callable[[], Any]) -> Iterator[threading.Thread]:
-    """Runs `target` on a thread and fails the test if it does not finish or raises."""
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            target()
-        except BaseException as error:
-            errors.append(error)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        yield thread
-    finally:
-        thread.join(JOIN)
-    assert not thread.is_alive(), "background thread hung"
-    if errors:
-        raise errors[0]
 
 
 def sizes(pool: ConnectionPool[Any]) -> tuple[int, int, int, int]:

@@ -14,7 +14,6 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -26,6 +25,7 @@ from buttress import (
     PoolTimeoutError,
 )
 from support import FakeConnection as Conn
+from support import cancel, until
 from support import check_connection as check
 
 JOIN = 5.0
@@ -34,20 +34,6 @@ SHORT = 0.05
 
 class Boom(Exception):
     """The failure the tests raise inside `async with pool.connection()` blocks."""
-
-
-async def until(condition: Callable[[], bool], timeout: float = JOIN) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.001)
-
-
-async def cancel(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(task, JOIN)
 
 
 def sizes(pool: ConnectionPool[Any]) -> tuple[int, int, int, int]:

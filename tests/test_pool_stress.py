@@ -12,12 +12,12 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
 from buttress import ConnectionPool, PoolTimeoutError
 from support import FakeConnection as Conn
+from support import run_threads
 
 JOIN = 30.0  # the longest any worker may take: far more than a healthy run needs
 THREADS = 8
@@ -74,27 +74,6 @@ def pool_on(ledger: Ledger, **options: Any) -> ConnectionPool[Conn]:
     return pool
 
 
-def run_threads(worker: Callable[[int], None], count: int) -> None:
-    """Runs `worker(index)` on `count` threads, re-raising the first error; fails on a hang."""
-    errors: list[BaseException] = []
-
-    def run(index: int) -> None:
-        try:
-            worker(index)
-        except BaseException as error:
-            errors.append(error)
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + JOIN
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    assert not any(thread.is_alive() for thread in threads), "a worker thread hung"
-    if errors:
-        raise errors[0]
-
-
 def assert_nothing_lost(pool: ConnectionPool[Conn], ledger: Ledger, max_size: int) -> None:
     """After the workers are done: nothing borrowed or waiting, the books balance, every slot
     can be taken at once, and closing the pool closes every connection exactly once."""
@@ -149,7 +128,7 @@ def test_threads_never_share_a_connection_and_lose_none() -> None:
                     ledger.give(conn, index)
             done[index] += 1
 
-    run_threads(worker, THREADS)
+    run_threads(worker, THREADS, JOIN)
     assert done == [rounds] * THREADS  # no thread was passed over for good
     stats = pool.stats()
     assert stats.requests == THREADS * rounds
@@ -205,7 +184,7 @@ def test_threads_with_checks_resets_lifetimes_and_errors_lose_nothing() -> None:
                 if error is not None:
                     raise error
 
-    run_threads(worker, THREADS)
+    run_threads(worker, THREADS, JOIN)
     stats = pool.stats()
     assert stats.timeouts == 0
     assert stats.broken > 0
@@ -357,7 +336,7 @@ async def test_threads_and_tasks_share_one_pool() -> None:
             with counts_lock:
                 finished["tasks"] += 1
 
-    threads_done = asyncio.create_task(asyncio.to_thread(run_threads, thread_worker, 4))
+    threads_done = asyncio.create_task(asyncio.to_thread(run_threads, thread_worker, 4, JOIN))
     await asyncio.wait_for(
         asyncio.gather(threads_done, *(task_worker(i) for i in range(tasks_count))), JOIN
     )

@@ -13,6 +13,7 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 import pytest
+import support
 from buttress import (
     Bulkhead,
     BulkheadFullError,
@@ -32,29 +33,13 @@ class Boom(Exception):
     """The failure the stressed functions raise."""
 
 
+def run_threads(worker: Callable[[int], None], count: int = THREADS) -> None:
+    """Runs `worker(index)` on `count` threads for about RUN_FOR seconds; fails on a hang."""
+    support.run_threads(worker, count, RUN_FOR + JOIN)
+
+
 def raise_boom() -> None:
     raise Boom
-
-
-def run_threads(worker: Callable[[int], None], count: int = THREADS) -> None:
-    """Runs `worker(index)` on `count` threads, re-raising the first error; fails on a hang."""
-    errors: list[BaseException] = []
-
-    def run(index: int) -> None:
-        try:
-            worker(index)
-        except BaseException as error:
-            errors.append(error)
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + RUN_FOR + JOIN
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    assert not any(thread.is_alive() for thread in threads), "a worker thread hung"
-    if errors:
-        raise errors[0]
 
 
 class Peak:
