@@ -136,6 +136,24 @@ TARGETS = (
         3.0,
         "time",
     ),
+    Target(
+        "ring lookup (10 nodes, ketama): buttress get_node overhead >= 15x lower than uhashring's",
+        "ring-lookup",
+        ("get_node(key)",),
+        "uhashring",
+        ("get_node(key)",),
+        15.0,
+        "overhead",
+    ),
+    Target(
+        "ring batch of 1,000 keys: buttress get_node_many >= 50x faster per key than uhashring",
+        "ring-batch",
+        ("get_node_many(keys)",),
+        "uhashring",
+        ("[get_node(key) for key in keys]",),
+        50.0,
+        "time",
+    ),
 )
 
 

@@ -3,7 +3,7 @@
 //! The cores return [`Error`]; only [`to_py_err`] knows which Python class each variant becomes,
 //! so the hierarchy under `ButtressError` is defined once, in Python, with docstrings and pickling.
 
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyKeyError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
@@ -38,6 +38,13 @@ pub enum Error {
     PoolFull { name: String, max_waiting: u32 },
     /// The pool was closed (before or while the caller waited).
     PoolClosed { name: String },
+    /// A node name the ring does not hold; becomes `KeyError`.
+    UnknownNode {
+        argument: &'static str,
+        name: String,
+    },
+    /// A lookup on a ring without nodes; becomes `buttress.EmptyRingError`.
+    EmptyRing,
     /// A permit's outcome may be recorded once; becomes `RuntimeError`.
     PermitAlreadyRecorded,
     /// An API used out of order (for example `__exit__` without `__enter__`); becomes `RuntimeError`.
@@ -94,6 +101,12 @@ impl fmt::Display for Error {
             Error::PoolTimeout { name, .. } => write!(f, "pool '{name}' timed out"),
             Error::PoolFull { name, .. } => write!(f, "pool '{name}' has too many waiters"),
             Error::PoolClosed { name } => write!(f, "pool '{name}' is closed"),
+            Error::UnknownNode { argument, name } => {
+                write!(f, "{argument} '{name}' is not a node of this ring.")
+            }
+            Error::EmptyRing => f.write_str(
+                "The hash ring has no nodes, so no key can be placed; add a node first.",
+            ),
             Error::PermitAlreadyRecorded => f.write_str(
                 "This permit's outcome was already recorded; record each permit exactly once.",
             ),
@@ -126,6 +139,7 @@ static BULKHEAD_FULL_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static POOL_TIMEOUT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static POOL_FULL_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static POOL_CLOSED_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static EMPTY_RING_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
 /// `CircuitOpenError(name, retry_after)`; the breaker passes its name as a cached Python string.
 pub fn circuit_open_error(
@@ -147,6 +161,9 @@ pub fn to_py_err(py: Python<'_>, error: Error) -> PyErr {
         Error::PermitAlreadyRecorded | Error::Misuse(_) => {
             return PyRuntimeError::new_err(error.to_string())
         }
+        Error::UnknownNode { .. } => return PyKeyError::new_err(error.to_string()),
+        Error::EmptyRing => error_class(py, &EMPTY_RING_ERROR, "EmptyRingError")
+            .map(|class| PyErr::from_type(class.clone(), error.to_string())),
         Error::CircuitOpen {
             name,
             retry_after_seconds,

@@ -1,6 +1,6 @@
 //! buttress: distributed-systems patterns for Python with Rust hot paths.
 //!
-//! Each core is a plain-Rust module with its own unit tests (`breaker`, `bulkhead`, `pool`, `clock`, `jitter`);
+//! Each core is a plain-Rust module with its own unit tests (`breaker`, `bulkhead`, `pool`, `ring`, `clock`, `jitter`, `md5`);
 //! each `*_py` module is the thin PyO3 binding for one core; `errors` maps the crate's one error
 //! type to Python exceptions.
 
@@ -13,8 +13,11 @@ pub mod clock;
 mod clock_py;
 pub mod errors;
 pub mod jitter;
+pub mod md5;
 pub mod pool;
 mod pool_py;
+pub mod ring;
+mod ring_py;
 pub mod waiting;
 
 use pyo3::prelude::*;
@@ -29,6 +32,8 @@ mod _core {
     use crate::clock_py::ManualClock;
     #[pymodule_export]
     use crate::pool_py::{ConnectionPool, PoolLease, PoolStats, PoolWaiter};
+    #[pymodule_export]
+    use crate::ring_py::HashRing;
 
     #[pymodule_init]
     fn init(module: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {

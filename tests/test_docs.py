@@ -27,6 +27,7 @@ def test_readme_has_an_example_per_available_pattern() -> None:
     assert "CircuitBreaker(" in examples
     assert "Bulkhead" in examples
     assert "ConnectionPool(" in examples
+    assert "HashRing(" in examples
 
 
 @pytest.mark.parametrize("index", range(len(readme_examples())))
@@ -63,10 +64,12 @@ def test_extension_docstring_examples() -> None:
         "Bulkhead": _core.Bulkhead,
         "ManualClock": _core.ManualClock,
         "ConnectionPool": _core.ConnectionPool,
+        "HashRing": _core.HashRing,
     }
     finder = doctest.DocTestFinder()
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     names = ("CircuitBreaker", "CircuitPermit", "Bulkhead", "ManualClock", "ConnectionPool")
+    names += ("HashRing",)
     for name in (*names, "PoolLease"):
         for test in finder.find(getattr(_core, name), name, globs=dict(globs)):
             runner.run(test)

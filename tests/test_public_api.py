@@ -191,7 +191,7 @@ def test_public_properties_have_docstrings() -> None:
 def test_every_buttress_exception_is_a_buttress_error() -> None:
     exceptions = {
         value
-        for module in (buttress, buttress.errors, buttress.resilience)
+        for module in (buttress, buttress.errors, buttress.resilience, buttress.routing)
         for value in vars(module).values()
         if inspect.isclass(value) and issubclass(value, BaseException)
     }
@@ -203,6 +203,7 @@ def test_every_buttress_exception_is_a_buttress_error() -> None:
         buttress.PoolTimeoutError,
         buttress.PoolFullError,
         buttress.PoolClosedError,
+        buttress.EmptyRingError,
     }
     for exception in exceptions:
         assert issubclass(exception, buttress.ButtressError)

@@ -12,6 +12,7 @@ from buttress.errors import (
     BulkheadFullError,
     ButtressError,
     CircuitOpenError,
+    EmptyRingError,
     PoolClosedError,
     PoolError,
     PoolFullError,
@@ -28,6 +29,7 @@ from buttress.resilience import (
     CircuitPermit,
     CircuitState,
 )
+from buttress.routing import HashRing
 
 __version__: str = _core.__version__
 
@@ -45,6 +47,8 @@ __all__ = [
     "CircuitPermit",
     "CircuitState",
     "ConnectionPool",
+    "EmptyRingError",
+    "HashRing",
     "Lazy",
     "LazyCollection",
     "ManualClock",

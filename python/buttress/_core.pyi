@@ -1,6 +1,6 @@
 """Types of the Rust extension module; `python -m mypy.stubtest buttress._core` keeps them true."""
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from types import GenericAlias, TracebackType
 from typing import Any, Final, Generic, TypeVar, final
 
@@ -17,6 +17,7 @@ __all__ = [
     "CircuitBreaker",
     "CircuitPermit",
     "ConnectionPool",
+    "HashRing",
     "ManualClock",
     "PoolLease",
     "PoolStats",
@@ -397,3 +398,46 @@ class PoolStats:
     def max_wait(self) -> float: ...
     @property
     def leaks(self) -> int: ...
+
+@final
+class HashRing:
+    """Consistent-hash ring that places keys exactly as libketama and uhashring's ketama mode do."""
+
+    def __new__(
+        cls,
+        nodes: Iterable[str] | Mapping[str, int] | None = None,
+        *,
+        vnodes: int = 40,
+        replicas: int = 4,
+    ) -> HashRing: ...
+    def get_node(self, key: str | bytes | int) -> str:
+        """The node that owns `key` (a str, bytes or int)."""
+    def get_nodes(self, key: str | bytes | int, n: int) -> list[str]:
+        """The key's owner and the next `n - 1` distinct nodes clockwise."""
+    def get_node_many(self, keys: Iterable[str | bytes | int]) -> list[str]:
+        """The owner of every key in `keys`, in order, in one call."""
+    def add_node(self, name: str, weight: int = 1) -> None:
+        """Adds a node with a weight."""
+    def remove_node(self, name: str) -> None:
+        """Removes a node; only the keys it owned move."""
+    def set_weight(self, name: str, weight: int) -> None:
+        """Changes a node's weight."""
+    def weight(self, name: str) -> int:
+        """A node's weight."""
+    @property
+    def weights(self) -> dict[str, int]:
+        """Every node's weight, in the order the nodes were added."""
+    @property
+    def points(self) -> dict[str, int]:
+        """How many points each node owns on the ring."""
+    def distribution(self, keys: Iterable[str | bytes | int]) -> dict[str, int]:
+        """How many keys of `keys` each node owns."""
+    @property
+    def vnodes(self) -> int:
+        """Labels per node at average weight."""
+    @property
+    def replicas(self) -> int:
+        """Points per label."""
+    def __len__(self) -> int: ...
+    def __contains__(self, name: object, /) -> bool: ...
+    def __iter__(self) -> Iterator[str]: ...

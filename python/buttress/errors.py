@@ -6,6 +6,7 @@ __all__ = [
     "BulkheadFullError",
     "ButtressError",
     "CircuitOpenError",
+    "EmptyRingError",
     "PoolClosedError",
     "PoolError",
     "PoolFullError",
@@ -155,3 +156,7 @@ class PoolClosedError(PoolError):
 
     def __str__(self) -> str:
         return f"Pool '{self.name}' is closed; it lends no more connections."
+
+
+class EmptyRingError(ButtressError, LookupError):
+    """A hash ring with no nodes was asked where a key goes."""
