@@ -79,6 +79,29 @@ const SINES: [u32; 64] = [
 
 const INITIAL: [u32; 4] = [0x6745_2301, 0xefcd_ab89, 0x98ba_dcfe, 0x1032_5476];
 
+/// MD5's 64 steps as 16 groups of four: the round function, the first step's number, and the
+/// message words the four steps read. `$four` is a macro that runs one group.
+macro_rules! schedule {
+    ($four:ident) => {
+        $four!(round_f, 0, 0, 1, 2, 3);
+        $four!(round_f, 4, 4, 5, 6, 7);
+        $four!(round_f, 8, 8, 9, 10, 11);
+        $four!(round_f, 12, 12, 13, 14, 15);
+        $four!(round_g, 16, 1, 6, 11, 0);
+        $four!(round_g, 20, 5, 10, 15, 4);
+        $four!(round_g, 24, 9, 14, 3, 8);
+        $four!(round_g, 28, 13, 2, 7, 12);
+        $four!(round_h, 32, 5, 8, 11, 14);
+        $four!(round_h, 36, 1, 4, 7, 10);
+        $four!(round_h, 40, 13, 0, 3, 6);
+        $four!(round_h, 44, 9, 12, 15, 2);
+        $four!(round_i, 48, 0, 7, 14, 5);
+        $four!(round_i, 52, 12, 3, 10, 1);
+        $four!(round_i, 56, 8, 15, 6, 13);
+        $four!(round_i, 60, 4, 11, 2, 9);
+    };
+}
+
 macro_rules! step {
     ($f:expr, $a:ident, $b:ident, $c:ident, $d:ident, $word:expr, $sine:expr, $shift:expr) => {
         $a = $b.wrapping_add(
@@ -122,22 +145,7 @@ fn compress(state: &mut [u32; 4], x: &[u32; 16]) {
             step!($f, b, c, d, a, x[$g3], SINES[$i + 3], SHIFTS[$i + 3]);
         };
     }
-    four!(round_f, 0, 0, 1, 2, 3);
-    four!(round_f, 4, 4, 5, 6, 7);
-    four!(round_f, 8, 8, 9, 10, 11);
-    four!(round_f, 12, 12, 13, 14, 15);
-    four!(round_g, 16, 1, 6, 11, 0);
-    four!(round_g, 20, 5, 10, 15, 4);
-    four!(round_g, 24, 9, 14, 3, 8);
-    four!(round_g, 28, 13, 2, 7, 12);
-    four!(round_h, 32, 5, 8, 11, 14);
-    four!(round_h, 36, 1, 4, 7, 10);
-    four!(round_h, 40, 13, 0, 3, 6);
-    four!(round_h, 44, 9, 12, 15, 2);
-    four!(round_i, 48, 0, 7, 14, 5);
-    four!(round_i, 52, 12, 3, 10, 1);
-    four!(round_i, 56, 8, 15, 6, 13);
-    four!(round_i, 60, 4, 11, 2, 9);
+    schedule!(four);
     state[0] = state[0].wrapping_add(a);
     state[1] = state[1].wrapping_add(b);
     state[2] = state[2].wrapping_add(c);
@@ -265,22 +273,7 @@ fn first_words_lanes(messages: &[&[u8]]) -> Lanes {
             );
         };
     }
-    four!(round_f, 0, 0, 1, 2, 3);
-    four!(round_f, 4, 4, 5, 6, 7);
-    four!(round_f, 8, 8, 9, 10, 11);
-    four!(round_f, 12, 12, 13, 14, 15);
-    four!(round_g, 16, 1, 6, 11, 0);
-    four!(round_g, 20, 5, 10, 15, 4);
-    four!(round_g, 24, 9, 14, 3, 8);
-    four!(round_g, 28, 13, 2, 7, 12);
-    four!(round_h, 32, 5, 8, 11, 14);
-    four!(round_h, 36, 1, 4, 7, 10);
-    four!(round_h, 40, 13, 0, 3, 6);
-    four!(round_h, 44, 9, 12, 15, 2);
-    four!(round_i, 48, 0, 7, 14, 5);
-    four!(round_i, 52, 12, 3, 10, 1);
-    four!(round_i, 56, 8, 15, 6, 13);
-    four!(round_i, 60, 4, 11, 2, 9);
+    schedule!(four);
     let mut first = [0u32; LANES];
     for lane in 0..LANES {
         first[lane] = INITIAL[0].wrapping_add(a[lane]);

@@ -147,35 +147,32 @@ impl Ring {
 
     /// Adds a node; a name already on the ring is refused (change weights with `set_weight`).
     pub fn add_node(&mut self, name: &str, weight: u32) -> Result<()> {
-        check_weight(weight)?;
-        if self.by_name.contains_key(name) {
-            return Err(Error::invalid(
-                "name",
-                format!(
-                    "name '{name}' is already a node of this ring; change its weight with \
-                     set_weight() or remove it first."
-                ),
-            ));
-        }
-        self.by_name.insert(name.to_owned(), self.nodes.len());
-        self.nodes.push(Node {
-            name: name.to_owned(),
-            weight,
-        });
-        self.rebuild();
-        Ok(())
+        self.add_nodes_as("name", [(name, weight)])
     }
 
     /// Adds several nodes with one rebuild; nothing is added when one of them is refused.
     pub fn add_nodes<'a>(&mut self, nodes: impl IntoIterator<Item = (&'a str, u32)>) -> Result<()> {
+        self.add_nodes_as("nodes", nodes)
+    }
+
+    fn add_nodes_as<'a>(
+        &mut self,
+        argument: &'static str,
+        nodes: impl IntoIterator<Item = (&'a str, u32)>,
+    ) -> Result<()> {
         let mut staged = self.clone();
         for (name, weight) in nodes {
             check_weight(weight)?;
             if staged.by_name.contains_key(name) {
-                return Err(Error::invalid(
-                    "nodes",
-                    format!("nodes names '{name}' twice; each node appears once."),
-                ));
+                let message = if argument == "name" {
+                    format!(
+                        "name '{name}' is already a node of this ring; change its weight with \
+                         set_weight(), or remove it first."
+                    )
+                } else {
+                    format!("nodes names '{name}' twice; each node appears once.")
+                };
+                return Err(Error::invalid(argument, message));
             }
             staged.by_name.insert(name.to_owned(), staged.nodes.len());
             staged.nodes.push(Node {
