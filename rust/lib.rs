@@ -19,6 +19,7 @@ mod pool_py;
 pub mod ring;
 mod ring_py;
 pub mod waiting;
+pub mod xxh64;
 
 use pyo3::prelude::*;
 

@@ -1,7 +1,15 @@
-//! A consistent-hash ring in ketama mode: keys land on the same nodes as libketama and
-//! uhashring (`hash_fn="ketama"`) place them for the same nodes and weights, so a user can switch
-//! without moving data. Plain Rust, no Python types.
+//! Consistent hashing behind one interface, plain Rust with no Python types. Three algorithms:
 //!
+//! - **ketama** (the default): keys land on the same nodes as libketama and uhashring
+//!   (`hash_fn="ketama"`) place them for the same nodes and weights, so a user can switch without
+//!   moving data.
+//! - **rendezvous** (highest random weight, weighted by the logarithm method): each key scores
+//!   every node and goes to the best; balance is as even as the keys allow and a change moves
+//!   exactly the keys the changed node gains or loses, at the cost of a look at every node.
+//! - **jump** (Lamping and Veach's jump consistent hash): nodes are numbered buckets, balance is
+//!   even and a lookup takes a few steps; nodes can only be added or removed at the end.
+//!
+//! Ketama:
 //! Each node gets `vnodes * nodes * weight / total weight` labels `"{name}-{i}"` (libketama's
 //! formula); each label's MD5 gives `replicas` points (its little-endian 32-bit words). A key
 //! hashes to the first word of its MD5 and belongs to the first point above it, wrapping around.
@@ -10,11 +18,42 @@
 
 use crate::errors::{Error, Result};
 use crate::md5;
+use crate::xxh64::{avalanche, xxh64};
 use std::collections::HashMap;
 use std::fmt::Write;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    Ketama,
+    Rendezvous,
+    Jump,
+}
+
+impl Algorithm {
+    pub fn parse(name: &str) -> Result<Algorithm> {
+        match name {
+            "ketama" => Ok(Algorithm::Ketama),
+            "rendezvous" => Ok(Algorithm::Rendezvous),
+            "jump" => Ok(Algorithm::Jump),
+            _ => Err(Error::invalid(
+                "algorithm",
+                format!("algorithm must be 'ketama', 'rendezvous' or 'jump' (got '{name}')."),
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Ketama => "ketama",
+            Algorithm::Rendezvous => "rendezvous",
+            Algorithm::Jump => "jump",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RingConfig {
+    pub algorithm: Algorithm,
     /// Labels per node at average weight (libketama and uhashring: 40).
     pub vnodes: u32,
     /// Points per label, 1 to 4: the MD5 words used (libketama and uhashring: 4).
@@ -24,6 +63,7 @@ pub struct RingConfig {
 impl Default for RingConfig {
     fn default() -> Self {
         RingConfig {
+            algorithm: Algorithm::Ketama,
             vnodes: 40,
             replicas: 4,
         }
@@ -52,6 +92,18 @@ impl RingConfig {
 struct Node {
     name: String,
     weight: u32,
+    /// The node's own hash, which rendezvous mixes with each key's.
+    seed: u64,
+}
+
+impl Node {
+    fn new(name: &str, weight: u32) -> Node {
+        Node {
+            name: name.to_owned(),
+            weight,
+            seed: xxh64(name.as_bytes(), 0),
+        }
+    }
 }
 
 /// The ring: nodes in the order they were added (ketama breaks point ties by it), and the
@@ -67,8 +119,10 @@ pub struct Ring {
     /// `b`: a lookup scans only its bucket (about one point) instead of searching them all.
     buckets: Vec<u32>,
     bucket_bits: u32,
-    /// How many nodes own at least one point (a tiny weight can leave a node with none).
+    /// How many nodes can own keys (in ketama, a tiny weight can leave a node with no point).
     placed_nodes: usize,
+    /// Whether every node has the same weight (rendezvous then compares raw scores).
+    uniform: bool,
 }
 
 fn check_weight(weight: u32) -> Result<()> {
@@ -79,6 +133,18 @@ fn check_weight(weight: u32) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Lamping and Veach's jump consistent hash: the bucket in `0..buckets` for a 64-bit key.
+#[inline]
+pub fn jump(mut key: u64, buckets: usize) -> usize {
+    let (mut bucket, mut next) = (-1i64, 0i64);
+    while next < buckets as i64 {
+        bucket = next;
+        key = key.wrapping_mul(2_862_933_555_777_941_757).wrapping_add(1);
+        next = ((bucket + 1) as f64 * ((1u64 << 31) as f64 / ((key >> 33) + 1) as f64)) as i64;
+    }
+    bucket as usize
 }
 
 /// The point a key hashes to: the first word of its MD5.
@@ -99,6 +165,7 @@ impl Ring {
             buckets: vec![0, 0],
             bucket_bits: 0,
             placed_nodes: 0,
+            uniform: true,
         })
     }
 
@@ -131,6 +198,11 @@ impl Ring {
 
     pub fn weight(&self, name: &str) -> Result<u32> {
         self.find(name).map(|index| self.nodes[index].weight)
+    }
+
+    /// How many nodes can own keys.
+    pub fn placed_nodes(&self) -> usize {
+        self.placed_nodes
     }
 
     /// How many points the ring holds in all.
@@ -174,11 +246,14 @@ impl Ring {
                 };
                 return Err(Error::invalid(argument, message));
             }
+            if staged.config.algorithm == Algorithm::Jump && weight != 1 {
+                return Err(Error::invalid(
+                    "weight",
+                    "weight must be 1 with the jump algorithm: its buckets are all equal.",
+                ));
+            }
             staged.by_name.insert(name.to_owned(), staged.nodes.len());
-            staged.nodes.push(Node {
-                name: name.to_owned(),
-                weight,
-            });
+            staged.nodes.push(Node::new(name, weight));
         }
         staged.rebuild();
         *self = staged;
@@ -187,6 +262,16 @@ impl Ring {
 
     pub fn remove_node(&mut self, name: &str) -> Result<()> {
         let index = self.find(name)?;
+        if self.config.algorithm == Algorithm::Jump && index + 1 != self.nodes.len() {
+            return Err(Error::invalid(
+                "name",
+                format!(
+                    "name '{name}' is not the last node; the jump algorithm numbers its nodes, so \
+                     only the last one can be removed without moving other keys (use \
+                     'rendezvous' or 'ketama' to remove any node)."
+                ),
+            ));
+        }
         self.nodes.remove(index);
         self.by_name = self
             .nodes
@@ -201,6 +286,12 @@ impl Ring {
     pub fn set_weight(&mut self, name: &str, weight: u32) -> Result<()> {
         check_weight(weight)?;
         let index = self.find(name)?;
+        if self.config.algorithm == Algorithm::Jump && weight != 1 {
+            return Err(Error::invalid(
+                "weight",
+                "weight must be 1 with the jump algorithm: its buckets are all equal.",
+            ));
+        }
         if self.nodes[index].weight != weight {
             self.nodes[index].weight = weight;
             self.rebuild();
@@ -209,6 +300,14 @@ impl Ring {
     }
 
     fn rebuild(&mut self) {
+        self.uniform = self
+            .nodes
+            .windows(2)
+            .all(|pair| pair[0].weight == pair[1].weight);
+        if self.config.algorithm != Algorithm::Ketama {
+            self.placed_nodes = self.nodes.len();
+            return;
+        }
         let total_weight: u64 = self.nodes.iter().map(|node| u64::from(node.weight)).sum();
         let count = self.nodes.len() as u64;
         let replicas = self.config.replicas as usize;
@@ -290,11 +389,54 @@ impl Ring {
     }
 
     pub fn lookup(&self, key: &[u8]) -> Option<usize> {
-        self.lookup_point(key_point(key))
+        match self.config.algorithm {
+            Algorithm::Ketama => self.lookup_point(key_point(key)),
+            Algorithm::Rendezvous => self.rendezvous_best(xxh64(key, 0)),
+            Algorithm::Jump => {
+                (!self.nodes.is_empty()).then(|| jump(xxh64(key, 0), self.nodes.len()))
+            }
+        }
+    }
+
+    /// A node's rendezvous score for a key: higher wins. Weighted by the logarithm method, so
+    /// a node's share of keys is its share of the total weight.
+    #[inline]
+    fn rendezvous_score(&self, key_hash: u64, node: &Node) -> f64 {
+        let mixed = avalanche(key_hash ^ node.seed);
+        if self.uniform {
+            return mixed as f64;
+        }
+        // A uniform draw strictly inside (0, 1) from the top 53 bits.
+        let unit = ((mixed >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        f64::from(node.weight) / -unit.ln()
+    }
+
+    fn rendezvous_best(&self, key_hash: u64) -> Option<usize> {
+        if self.uniform {
+            // Integer scores: the exact comparison, ties to the earlier node.
+            return (0..self.nodes.len())
+                .rev()
+                .max_by_key(|index| avalanche(key_hash ^ self.nodes[*index].seed));
+        }
+        let mut best: Option<(usize, f64)> = None;
+        for (index, node) in self.nodes.iter().enumerate() {
+            let score = self.rendezvous_score(key_hash, node);
+            if best.is_none_or(|(_, top)| score > top) {
+                best = Some((index, score));
+            }
+        }
+        best.map(|(index, _)| index)
     }
 
     /// The owners of many keys: short keys are hashed `md5::LANES` at a time.
     pub fn lookup_many(&self, keys: &[&[u8]], owners: &mut Vec<usize>) -> Result<()> {
+        if self.config.algorithm != Algorithm::Ketama {
+            owners.reserve(keys.len());
+            for key in keys {
+                owners.push(self.lookup(key).ok_or(Error::EmptyRing)?);
+            }
+            return Ok(());
+        }
         if self.points.is_empty() {
             return if keys.is_empty() {
                 Ok(())
@@ -355,8 +497,52 @@ impl Ring {
             ));
         }
         let mut found = Vec::with_capacity(n);
-        if n == 0 || self.points.is_empty() {
+        if n == 0 || self.placed_nodes == 0 {
             return Ok(found);
+        }
+        match self.config.algorithm {
+            Algorithm::Ketama => {}
+            Algorithm::Rendezvous => {
+                let key_hash = xxh64(key, 0);
+                let mut scored: Vec<(usize, f64)> = self
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(index, node)| (index, self.rendezvous_score(key_hash, node)))
+                    .collect();
+                // Best first; equal scores keep node order, as `rendezvous_best` does.
+                scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                found.extend(scored.into_iter().take(n).map(|(index, _)| index));
+                return Ok(found);
+            }
+            Algorithm::Jump => {
+                // The owner, then the buckets later replicas of the key hash to, skipping
+                // repeats; a full sweep of the rest settles any that are left.
+                let key_hash = xxh64(key, 0);
+                for replica in 0..(4 * n as u64) {
+                    let hash = if replica == 0 {
+                        key_hash
+                    } else {
+                        avalanche(key_hash.wrapping_add(replica))
+                    };
+                    let bucket = jump(hash, self.nodes.len());
+                    if !found.contains(&bucket) {
+                        found.push(bucket);
+                        if found.len() == n {
+                            return Ok(found);
+                        }
+                    }
+                }
+                for bucket in 0..self.nodes.len() {
+                    if !found.contains(&bucket) {
+                        found.push(bucket);
+                        if found.len() == n {
+                            break;
+                        }
+                    }
+                }
+                return Ok(found);
+            }
         }
         let start = self.position(key_point(key));
         for step in 0..self.points.len() {
@@ -505,7 +691,7 @@ mod tests {
     fn lookup_n_refuses_more_nodes_than_own_points() {
         let mut ring = Ring::new(RingConfig {
             vnodes: 1,
-            replicas: 4,
+            ..RingConfig::default()
         })
         .unwrap();
         ring.add_nodes([("a", 1), ("b", 10)]).unwrap();
@@ -515,6 +701,111 @@ mod tests {
             Err(Error::InvalidArgument { argument: "n", .. })
         ));
         assert_eq!(ring.lookup_n(b"k", 1).unwrap().len(), 1);
+    }
+
+    fn ring_of(algorithm: Algorithm, nodes: &[(&str, u32)]) -> Ring {
+        let mut ring = Ring::new(RingConfig {
+            algorithm,
+            ..RingConfig::default()
+        })
+        .unwrap();
+        ring.add_nodes(nodes.iter().copied()).unwrap();
+        ring
+    }
+
+    fn shares(ring: &Ring, keys: usize) -> Vec<f64> {
+        let mut counts = vec![0usize; ring.len()];
+        for number in 0..keys {
+            counts[ring.lookup(format!("key-{number}").as_bytes()).unwrap()] += 1;
+        }
+        counts
+            .into_iter()
+            .map(|count| count as f64 / keys as f64)
+            .collect()
+    }
+
+    #[test]
+    fn jump_matches_the_published_algorithm() {
+        // From the jump-consistent-hash package, a port of the paper's C++ code.
+        let cases = [
+            (0, 1, 0),
+            (1, 1, 0),
+            (256, 1024, 520),
+            (0xDEAD_10CC, 1, 0),
+            (0xDEAD_10CC, 2, 1),
+            (0xDEAD_10CC, 3, 1),
+            (0xDEAD_10CC, 100, 94),
+            (u64::MAX, 1000, 313),
+            (123_456_789, 7, 0),
+        ];
+        for (key, buckets, bucket) in cases {
+            assert_eq!(jump(key, buckets), bucket, "jump({key}, {buckets})");
+        }
+    }
+
+    #[test]
+    fn rendezvous_and_jump_spread_keys_by_weight_and_move_only_what_they_must() {
+        let nodes: Vec<(String, u32)> = (0..10).map(|index| (format!("n{index}"), 1)).collect();
+        let nodes: Vec<(&str, u32)> = nodes.iter().map(|(n, w)| (n.as_str(), *w)).collect();
+        for algorithm in [Algorithm::Rendezvous, Algorithm::Jump] {
+            let before = ring_of(algorithm, &nodes);
+            for share in shares(&before, 50_000) {
+                assert!((share - 0.1).abs() < 0.01, "{algorithm:?}: share {share}");
+            }
+            let mut after = before.clone();
+            after.remove_node("n9").unwrap();
+            for number in 0..5_000 {
+                let key = format!("key-{number}");
+                let was = before.lookup(key.as_bytes()).unwrap();
+                if was != 9 {
+                    assert_eq!(
+                        after.lookup(key.as_bytes()),
+                        Some(was),
+                        "{algorithm:?} {key}"
+                    );
+                }
+            }
+        }
+        let weighted = ring_of(Algorithm::Rendezvous, &[("a", 1), ("b", 3)]);
+        let share = shares(&weighted, 50_000)[1];
+        assert!((share - 0.75).abs() < 0.01, "b's share {share}");
+    }
+
+    #[test]
+    fn rendezvous_and_jump_replicas_are_distinct_and_start_with_the_owner() {
+        let names = [("a", 1), ("b", 1), ("c", 1), ("d", 1), ("e", 1)];
+        for algorithm in [Algorithm::Rendezvous, Algorithm::Jump] {
+            let ring = ring_of(algorithm, &names);
+            for number in 0..300 {
+                let key = format!("key-{number}");
+                let nodes = ring.lookup_n(key.as_bytes(), 5).unwrap();
+                assert_eq!(Some(nodes[0]), ring.lookup(key.as_bytes()));
+                let mut sorted = nodes.clone();
+                sorted.sort_unstable();
+                assert_eq!(sorted, vec![0, 1, 2, 3, 4], "{algorithm:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn jump_refuses_what_it_cannot_do() {
+        let mut ring = ring_of(Algorithm::Jump, &[("a", 1), ("b", 1), ("c", 1)]);
+        assert!(matches!(
+            ring.remove_node("a"),
+            Err(Error::InvalidArgument {
+                argument: "name",
+                ..
+            })
+        ));
+        assert!(matches!(
+            ring.add_node("d", 2),
+            Err(Error::InvalidArgument {
+                argument: "weight",
+                ..
+            })
+        ));
+        ring.remove_node("c").unwrap();
+        assert_eq!(ring.len(), 2);
     }
 
     #[test]
@@ -552,8 +843,8 @@ mod tests {
             )));
         assert_eq!(ring.len(), 1);
         assert!(Ring::new(RingConfig {
-            vnodes: 40,
-            replicas: 5
+            replicas: 5,
+            ..RingConfig::default()
         })
         .is_err());
         let empty = Ring::new(RingConfig::default()).unwrap();

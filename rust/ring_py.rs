@@ -2,7 +2,7 @@
 //! strings, so a lookup allocates nothing.
 
 use crate::errors::Error;
-use crate::ring::{Ring, RingConfig};
+use crate::ring::{Algorithm, Ring, RingConfig};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyList, PyMapping, PyString};
 use std::sync::{RwLock, RwLockReadGuard};
@@ -14,6 +14,8 @@ mod extract {
         weight: count1 "weight",
         n: count0 "n",
         name: text "name",
+        algorithm: text "algorithm",
+        epsilon: number "epsilon",
     }
 }
 
@@ -172,15 +174,21 @@ fn parse_nodes(nodes: &Bound<'_, PyAny>) -> PyResult<Vec<(String, u32)>> {
 #[pymethods]
 impl HashRing {
     #[new]
-    #[pyo3(signature = (nodes = None, *, vnodes = 40, replicas = 4))]
-    #[pyo3(text_signature = "(nodes=None, *, vnodes=40, replicas=4)")]
+    #[pyo3(signature = (nodes = None, *, algorithm = "ketama".to_owned(), vnodes = 40, replicas = 4))]
+    #[pyo3(text_signature = "(nodes=None, *, algorithm='ketama', vnodes=40, replicas=4)")]
     fn new(
         py: Python<'_>,
         nodes: Option<&Bound<'_, PyAny>>,
+        #[pyo3(from_py_with = extract::algorithm)] algorithm: String,
         #[pyo3(from_py_with = extract::vnodes)] vnodes: u32,
         #[pyo3(from_py_with = extract::replicas)] replicas: u32,
     ) -> PyResult<Self> {
-        let mut ring = Ring::new(RingConfig { vnodes, replicas })?;
+        let algorithm = Algorithm::parse(&algorithm)?;
+        let mut ring = Ring::new(RingConfig {
+            algorithm,
+            vnodes,
+            replicas,
+        })?;
         if let Some(nodes) = nodes.filter(|nodes| !nodes.is_none()) {
             let nodes = parse_nodes(nodes)?;
             ring.add_nodes(nodes.iter().map(|(name, weight)| (name.as_str(), *weight)))?;
@@ -350,6 +358,85 @@ impl HashRing {
             result.set_item(name, count)?;
         }
         Ok(result)
+    }
+
+    /// An independent copy, to try a change (and see what it would move) before making it.
+    fn copy(&self, py: Python<'_>) -> HashRing {
+        let state = self.read();
+        HashRing {
+            state: RwLock::new(State {
+                ring: state.ring.clone(),
+                names: state.names.iter().map(|name| name.clone_ref(py)).collect(),
+                version: 0,
+            }),
+        }
+    }
+
+    /// The placement algorithm: 'ketama', 'rendezvous' or 'jump'.
+    #[getter]
+    fn algorithm(&self) -> &'static str {
+        self.read().ring.config().algorithm.name()
+    }
+
+    /// The node for `key` with consistent hashing with bounded loads (Mirrokni et al.): the
+    /// first of the key's nodes, in its ring order, whose load (from `loads`, a mapping of node
+    /// names to counts; missing means 0) is below `ceil((1 + epsilon) * (total + 1) / nodes)`,
+    /// so no node takes more than about `1 + epsilon` times the mean.
+    #[pyo3(signature = (key, loads, *, epsilon = 0.25))]
+    fn get_node_bounded(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        loads: &Bound<'_, PyAny>,
+        #[pyo3(from_py_with = extract::epsilon)] epsilon: f64,
+    ) -> PyResult<Py<PyString>> {
+        if !(epsilon.is_finite() && epsilon > 0.0) {
+            return Err(Error::invalid(
+                "epsilon",
+                format!("epsilon must be a number above 0 (got {epsilon})."),
+            )
+            .into());
+        }
+        let key = KeyBytes::of(key)?;
+        let bytes = key.bytes()?;
+        let candidates: Vec<Py<PyString>> = {
+            let state = self.read();
+            if state.ring.is_empty() {
+                return Err(Error::EmptyRing.into());
+            }
+            let placed = state.ring.placed_nodes();
+            state
+                .ring
+                .lookup_n(bytes, placed)?
+                .into_iter()
+                .map(|owner| state.names[owner].clone_ref(py))
+                .collect()
+        };
+        // The loads are Python objects: read them only now, with the ring's lock released.
+        let mut counts = Vec::with_capacity(candidates.len());
+        for name in &candidates {
+            let load = match loads.get_item(name) {
+                Ok(load) => load.extract::<u64>().map_err(|_| {
+                    PyErr::from(Error::wrong_type(
+                        "loads",
+                        format!(
+                            "loads must map node names to whole numbers (got {} for '{name}').",
+                            load.repr().map(|r| r.to_string()).unwrap_or_default()
+                        ),
+                    ))
+                })?,
+                Err(error) if error.is_instance_of::<pyo3::exceptions::PyKeyError>(py) => 0,
+                Err(error) => return Err(error),
+            };
+            counts.push(load);
+        }
+        let total: u64 = counts.iter().sum();
+        let capacity = ((1.0 + epsilon) * (total + 1) as f64 / candidates.len() as f64).ceil();
+        let chosen = counts
+            .iter()
+            .position(|load| (*load as f64) < capacity)
+            .unwrap_or(0);
+        Ok(candidates[chosen].clone_ref(py))
     }
 
     /// Labels per node at average weight.

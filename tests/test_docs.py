@@ -13,6 +13,7 @@ import buttress.lazy
 import buttress.pool
 import buttress.resilience.breaker
 import buttress.resilience.bulkhead
+import buttress.routing
 import pytest
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
@@ -44,6 +45,7 @@ def test_readme_example_runs(index: int, capsys: pytest.CaptureFixture[str]) -> 
         buttress.errors,
         buttress.lazy,
         buttress.pool,
+        buttress.routing,
         buttress.backends.sqlite,
         buttress.resilience.breaker,
         buttress.resilience.bulkhead,

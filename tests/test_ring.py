@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import uhashring
-from buttress import ButtressError, EmptyRingError, HashRing
+from buttress import ButtressError, EmptyRingError, HashRing, rebalance_plan
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from support import JOIN, run_threads
@@ -783,3 +783,112 @@ def test_a_batch_that_is_not_iterable_names_keys(method: str) -> None:
     ring = HashRing(["a"])
     with pytest.raises(TypeError, match="keys must be an iterable"):
         getattr(ring, method)(5)
+
+
+# ---- rendezvous, jump and bounded loads ------------------------------------------------------
+
+ALGORITHMS = ["ketama", "rendezvous", "jump"]
+
+
+@pytest.mark.parametrize("algorithm", ["rendezvous", "jump"])
+def test_a_hundred_nodes_share_keys_evenly_and_a_removal_moves_only_its_keys(
+    algorithm: str,
+) -> None:
+    names = [f"node-{number}" for number in range(100)]
+    keys = [f"key-{number}" for number in range(200_000)]
+    ring = HashRing(names, algorithm=algorithm)
+    owners = ring.get_node_many(keys)
+    counts = Counter(owners)
+    # Measured: rendezvous 1.06, jump 1.05 (ketama's 160 points per node give 1.22).
+    assert max(counts.values()) / (len(keys) / len(names)) <= 1.10
+    smaller = HashRing(names, algorithm=algorithm)
+    smaller.remove_node("node-99")
+    after = smaller.get_node_many(keys)
+    moved = [(was, now) for was, now in zip(owners, after, strict=True) if was != now]
+    assert all(was == "node-99" for was, _ in moved)
+    assert len(moved) == counts["node-99"]
+    assert len(moved) / len(keys) <= 0.012
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_answers_the_same_interface(algorithm: str) -> None:
+    ring = HashRing(["a", "b", "c", "d"], algorithm=algorithm)
+    assert ring.algorithm == algorithm
+    keys = [f"k{number}" for number in range(500)] + [7, b"raw", True]
+    owners = ring.get_node_many(keys)
+    assert owners == [ring.get_node(key) for key in keys]
+    for key in keys[:100]:
+        nodes = ring.get_nodes(key, 4)
+        assert sorted(nodes) == ["a", "b", "c", "d"]
+        assert nodes[0] == ring.get_node(key)
+    assert sum(ring.distribution(keys).values()) == len(keys)
+    ring.add_node("e")
+    assert "e" in ring
+    assert len(ring) == 5
+
+
+def test_rendezvous_shares_keys_by_weight() -> None:
+    ring = HashRing({"small": 1, "large": 3}, algorithm="rendezvous")
+    counts = ring.distribution(f"key-{number}" for number in range(40_000))
+    assert abs(counts["large"] / 40_000 - 0.75) < 0.01
+    before = ring.get_node_many([f"key-{number}" for number in range(5_000)])
+    ring.set_weight("large", 1)
+    after = ring.get_node_many([f"key-{number}" for number in range(5_000)])
+    # Lowering a weight only moves keys away from that node.
+    assert all(was == now or was == "large" for was, now in zip(before, after, strict=True))
+
+
+def test_jump_only_removes_its_last_node_and_keeps_weights_at_one() -> None:
+    ring = HashRing(["a", "b", "c"], algorithm="jump")
+    placements = ring.get_node_many([f"k{number}" for number in range(1_000)])
+    with pytest.raises(ValueError, match="name 'a' is not the last node"):
+        ring.remove_node("a")
+    with pytest.raises(ValueError, match="weight must be 1 with the jump algorithm"):
+        ring.add_node("d", weight=2)
+    with pytest.raises(ValueError, match="weight must be 1 with the jump algorithm"):
+        HashRing({"a": 2}, algorithm="jump")
+    assert ring.get_node_many([f"k{number}" for number in range(1_000)]) == placements
+    ring.remove_node("c")
+    assert list(ring) == ["a", "b"]
+
+
+def test_an_unknown_algorithm_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="algorithm must be 'ketama', 'rendezvous' or 'jump'"):
+        HashRing(["a"], algorithm="maglev")
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_bounded_loads_keep_every_node_near_the_mean(algorithm: str) -> None:
+    ring = HashRing([f"n{number}" for number in range(10)], algorithm=algorithm)
+    loads: dict[str, int] = {}
+    for number in range(10_000):
+        node = ring.get_node_bounded(f"key-{number}", loads, epsilon=0.1)
+        loads[node] = loads.get(node, 0) + 1
+    # Each placement sees a cap of ceil(1.1 * (placed + 1) / 10), so no node passes it.
+    assert max(loads.values()) <= -(-(1.1 * 10_000) // 10) + 1
+    # With room everywhere the key goes to its own node.
+    assert ring.get_node_bounded("key-1", {}) == ring.get_node("key-1")
+
+
+def test_bounded_loads_refuse_bad_arguments() -> None:
+    ring = HashRing(["a", "b"])
+    with pytest.raises(ValueError, match="epsilon must be a number above 0"):
+        ring.get_node_bounded("k", {}, epsilon=0)
+    with pytest.raises(TypeError, match="loads must map node names to whole numbers"):
+        ring.get_node_bounded("k", {"a": "many", "b": "many"})
+    with pytest.raises(EmptyRingError):
+        HashRing().get_node_bounded("k", {})
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_a_plan_for_a_new_node_moves_keys_only_to_it(algorithm: str) -> None:
+    before = HashRing([f"n{number}" for number in range(8)], algorithm=algorithm)
+    after = before.copy()
+    after.add_node("n8")
+    assert "n8" not in before  # the copy is independent
+    keys = [f"key-{number}" for number in range(20_000)]
+    plan = rebalance_plan(before, after, keys)
+    assert {target for _, target in plan.moves} == {"n8"}
+    assert plan.moved == after.distribution(keys)["n8"]
+    assert plan.total == len(keys)
+    assert 0.07 < plan.fraction < 0.16  # about 1/9 of the keys

@@ -29,7 +29,7 @@ from buttress.resilience import (
     CircuitPermit,
     CircuitState,
 )
-from buttress.routing import HashRing
+from buttress.routing import HashRing, RebalancePlan, rebalance_plan
 
 __version__: str = _core.__version__
 
@@ -58,6 +58,8 @@ __all__ = [
     "PoolLease",
     "PoolStats",
     "PoolTimeoutError",
+    "RebalancePlan",
     "__version__",
     "lazy_property",
+    "rebalance_plan",
 ]

@@ -407,6 +407,7 @@ class HashRing:
         cls,
         nodes: Iterable[str] | Mapping[str, int] | None = None,
         *,
+        algorithm: str = "ketama",
         vnodes: int = 40,
         replicas: int = 4,
     ) -> HashRing: ...
@@ -432,6 +433,15 @@ class HashRing:
         """How many points each node owns on the ring."""
     def distribution(self, keys: Iterable[str | bytes | int]) -> dict[str, int]:
         """How many keys of `keys` each node owns."""
+    def copy(self) -> HashRing:
+        """An independent copy, to try a change before making it."""
+    @property
+    def algorithm(self) -> str:
+        """The placement algorithm: 'ketama', 'rendezvous' or 'jump'."""
+    def get_node_bounded(
+        self, key: str | bytes | int, loads: Mapping[str, int], *, epsilon: float = 0.25
+    ) -> str:
+        """The key's node with bounded loads: no node above about `1 + epsilon` times the mean."""
     @property
     def vnodes(self) -> int:
         """Labels per node at average weight."""
