@@ -89,6 +89,31 @@ def _() -> Made:
     return run, _buttress_placed(ring)
 
 
+def _spread_over_every_node(ring: buttress.HashRing) -> Callable[[], str]:
+    def verify() -> str:
+        owners = ring.get_node_many(KEYS)
+        assert owners == [ring.get_node(key) for key in KEYS]
+        assert set(owners) == set(NODES)
+        return f"{len(KEYS):,} keys on all {len(NODES)} nodes, deterministic"
+
+    return verify
+
+
+# The other algorithms place keys elsewhere than ketama (no peer places them alike): these rows
+# show what choosing one costs, next to ketama's MD5.
+for _algorithm in ("rendezvous", "jump"):
+
+    @lookup(BUTTRESS, f"get_node(key), {_algorithm}")
+    def _(algorithm: str = _algorithm) -> Made:
+        ring = buttress.HashRing(NODES, algorithm=algorithm)
+        keys = itertools.cycle(KEYS)
+
+        def run() -> bool:
+            return ring.get_node(next(keys)) is not None
+
+        return run, _spread_over_every_node(ring)
+
+
 @lookup(UHASHRING, "get_node(key)")
 def _() -> Made:
     ring = _uhashring_ring()
