@@ -14,6 +14,7 @@ import buttress.pool
 import buttress.resilience.breaker
 import buttress.resilience.bulkhead
 import buttress.routing
+import buttress.routing.balancer
 import pytest
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
@@ -46,6 +47,7 @@ def test_readme_example_runs(index: int, capsys: pytest.CaptureFixture[str]) -> 
         buttress.lazy,
         buttress.pool,
         buttress.routing,
+        buttress.routing.balancer,
         buttress.backends.sqlite,
         buttress.resilience.breaker,
         buttress.resilience.bulkhead,

@@ -204,6 +204,7 @@ def test_every_buttress_exception_is_a_buttress_error() -> None:
         buttress.PoolFullError,
         buttress.PoolClosedError,
         buttress.EmptyRingError,
+        buttress.NoHealthyBackendError,
     }
     for exception in exceptions:
         assert issubclass(exception, buttress.ButtressError)

@@ -13,6 +13,7 @@ from buttress.errors import (
     ButtressError,
     CircuitOpenError,
     EmptyRingError,
+    NoHealthyBackendError,
     PoolClosedError,
     PoolError,
     PoolFullError,
@@ -29,7 +30,7 @@ from buttress.resilience import (
     CircuitPermit,
     CircuitState,
 )
-from buttress.routing import HashRing, RebalancePlan, rebalance_plan
+from buttress.routing import HashRing, LoadBalancer, RebalancePlan, rebalance_plan
 
 __version__: str = _core.__version__
 
@@ -51,7 +52,9 @@ __all__ = [
     "HashRing",
     "Lazy",
     "LazyCollection",
+    "LoadBalancer",
     "ManualClock",
+    "NoHealthyBackendError",
     "PoolClosedError",
     "PoolError",
     "PoolFullError",

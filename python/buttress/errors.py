@@ -7,6 +7,7 @@ __all__ = [
     "ButtressError",
     "CircuitOpenError",
     "EmptyRingError",
+    "NoHealthyBackendError",
     "PoolClosedError",
     "PoolError",
     "PoolFullError",
@@ -160,3 +161,27 @@ class PoolClosedError(PoolError):
 
 class EmptyRingError(ButtressError, LookupError):
     """A hash ring with no nodes was asked where a key goes."""
+
+
+class NoHealthyBackendError(ButtressError):
+    """A load balancer had no backend left to route to: all unhealthy or ejected.
+
+    Raised as ``NoHealthyBackendError(name, backends)``.
+    """
+
+    @property
+    def name(self) -> str:
+        """The balancer's name."""
+        return str(self.args[0])
+
+    @property
+    def backends(self) -> int:
+        """How many backends the balancer has (none of them available)."""
+        return int(self.args[1])
+
+    def __str__(self) -> str:
+        return (
+            f"Load balancer '{self.name}' has no available backend: all {self.backends} are "
+            "unhealthy or ejected. Fix them, wait for their ejection to end, or set "
+            "panic_threshold to route to them anyway."
+        )

@@ -1,5 +1,6 @@
-"""Routing: the consistent-hash ring (Rust core) that places keys on nodes, and the plan of what
-a change to the ring would move.
+"""Routing: the consistent-hash ring (Rust core) that places keys on nodes, the plan of what a
+change to the ring would move, and the load balancer (``buttress.routing.http`` has its httpx
+transports).
 
 ``HashRing`` places keys with ketama (exactly as libketama and uhashring do, so a user of either
 can switch without moving data), rendezvous hashing or jump consistent hash.
@@ -12,8 +13,17 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from buttress._core import HashRing
+from buttress.routing.balancer import Algorithm, BackendStatus, LoadBalancer, Pick
 
-__all__ = ["HashRing", "RebalancePlan", "rebalance_plan"]
+__all__ = [
+    "Algorithm",
+    "BackendStatus",
+    "HashRing",
+    "LoadBalancer",
+    "Pick",
+    "RebalancePlan",
+    "rebalance_plan",
+]
 
 Key = str | bytes | int
 
