@@ -140,10 +140,14 @@ class Pick(Generic[B]):
 
     def release(self, *, failed: bool | None = None) -> None:
         """Ends the call: no longer in flight, outcome recorded. Called once; `with` does it."""
+        self._end(self._failed if failed is None else failed)
+
+    def _end(self, failed: bool | None) -> None:
+        # `failed` None: the call says nothing about the backend (it was cancelled).
         if self._done:
             raise RuntimeError("This pick was already released; release each pick once.")
         self._done = True
-        self._balancer._finish(self._backend, self._failed if failed is None else failed)
+        self._balancer._finish(self._backend, failed)
 
     def __enter__(self) -> B:
         return self._backend.target
@@ -154,8 +158,17 @@ class Pick(Generic[B]):
         exc_value: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        failed = self._failed or (exc_value is not None and self._balancer._is_failure(exc_value))
-        self.release(failed=failed)
+        failed: bool | None = self._failed
+        try:
+            if exc_value is not None and not failed:
+                # Cancellation and interpreter exits say nothing about the backend.
+                failed = (
+                    bool(self._balancer._is_failure(exc_value))
+                    if isinstance(exc_value, Exception)
+                    else None
+                )
+        finally:
+            self._end(failed)
 
     async def __aenter__(self) -> B:
         return self._backend.target
@@ -170,8 +183,7 @@ class Pick(Generic[B]):
 
 
 def _counts_as_failure(error: BaseException) -> bool:
-    # Cancellation and interpreter exits say nothing about the backend.
-    return isinstance(error, Exception)
+    return True
 
 
 class LoadBalancer(Generic[B]):
@@ -290,6 +302,8 @@ class LoadBalancer(Generic[B]):
                 raise KeyError(f"backend {backend!r} is not in the balancer.")
             if len(self._backends) == 1:
                 raise ValueError("backend is the last one; a balancer keeps at least one.")
+            if list(self._backends).index(backend) < self._cursor:
+                self._cursor -= 1  # the backends after it move up one place
             del self._backends[backend]
             self._ring = None
 
@@ -370,9 +384,16 @@ class LoadBalancer(Generic[B]):
         candidates = self._candidates()
         algorithm = self.algorithm
         if algorithm is Algorithm.ROUND_ROBIN:
-            chosen = candidates[self._cursor % len(candidates)]
-            self._cursor += 1
-            return chosen
+            # The cursor walks every backend in order and skips those out of rotation, so a
+            # backend leaving or returning never shifts whose turn is next.
+            entries = list(self._backends.values())
+            usable = {id(entry) for entry in candidates}
+            for step in range(len(entries)):
+                index = (self._cursor + step) % len(entries)
+                if id(entries[index]) in usable:
+                    self._cursor = index + 1
+                    return entries[index]
+            raise AssertionError("candidates are among the backends")
         if algorithm is Algorithm.WEIGHTED_ROUND_ROBIN:
             total = 0
             best = candidates[0]
@@ -430,9 +451,13 @@ class LoadBalancer(Generic[B]):
             entry.in_flight += 1
         return Pick(self, entry)
 
-    def _finish(self, entry: _Backend[B], failed: bool) -> None:
+    def _finish(self, entry: _Backend[B], failed: bool | None) -> None:
         with self._lock:
             entry.in_flight -= 1
+            if failed is None:
+                return
+            # An ejection that has run out ends before this outcome counts.
+            self._expire_ejection(entry, self._now())
             if failed:
                 entry.failures += 1
                 entry.consecutive_failures += 1
@@ -488,6 +513,9 @@ class LoadBalancer(Generic[B]):
         for entry in list(self._backends.values()):
             verdict = self._passes(entry.target)
             if isinstance(verdict, Awaitable):
+                close = getattr(verdict, "close", None)
+                if close is not None:
+                    close()  # never awaited: closed so it warns nobody
                 raise TypeError(
                     "health_check returned an awaitable; run it with check_health_async()."
                 )
@@ -516,9 +544,14 @@ class LoadBalancer(Generic[B]):
         until ``stop_health_checks()`` (or the balancer is garbage collected)."""
         if self._health_check is None:
             raise RuntimeError("This balancer has no health_check to run.")
-        if self._checker is not None and self._checker.is_alive():
+        if (
+            self._checker is not None
+            and self._checker.is_alive()
+            and not self._stop_checks.is_set()
+        ):
             return
-        self._stop_checks.clear()
+        # A fresh event per thread: one still winding down keeps its own, already set.
+        self._stop_checks = threading.Event()
         reference = weakref.ref(self)
         stop = self._stop_checks
         interval = self._check_interval

@@ -29,9 +29,13 @@ FAILURE_STATUSES = frozenset({502, 503, 504})
 
 
 def _routed(request: httpx.Request, backend: str) -> httpx.Request:
-    """The request with its scheme, host and port replaced by the backend's."""
+    """The request sent to the backend: its scheme, host and port, and its path (if any) in
+    front of the request's."""
     target = httpx.URL(backend)
     url = request.url.copy_with(scheme=target.scheme, host=target.host, port=target.port)
+    prefix = target.path.rstrip("/")
+    if prefix:
+        url = url.copy_with(path=prefix + request.url.path)
     return httpx.Request(
         request.method,
         url,
@@ -43,7 +47,9 @@ def _routed(request: httpx.Request, backend: str) -> httpx.Request:
 
 def _may_retry(request: httpx.Request, error: Exception | None) -> bool:
     # A connection that never opened sent nothing, so any method may go elsewhere.
-    return request.method in IDEMPOTENT or isinstance(error, httpx.ConnectError)
+    return request.method in IDEMPOTENT or isinstance(
+        error, (httpx.ConnectError, httpx.ConnectTimeout)
+    )
 
 
 def _check_retries(retries: int) -> int:
@@ -76,7 +82,7 @@ class BalancedTransport(httpx.BaseTransport):
         self._transport = transport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if request.method not in IDEMPOTENT:
+        if self.retries:
             request.read()  # a body sent once may have to be sent again
         key = request.extensions.get("balancer_key")
         last_error: Exception | None = None
@@ -89,6 +95,9 @@ class BalancedTransport(httpx.BaseTransport):
                 last_error = error
                 if attempt < self.retries and _may_retry(request, error):
                     continue
+                raise
+            except BaseException:
+                pick._end(None)  # not the backend's doing: neither success nor failure
                 raise
             failed = response.status_code in self.failure_statuses
             pick.release(failed=failed)
@@ -122,7 +131,7 @@ class AsyncBalancedTransport(httpx.AsyncBaseTransport):
         self._transport = transport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if request.method not in IDEMPOTENT:
+        if self.retries:
             await request.aread()
         key = request.extensions.get("balancer_key")
         last_error: Exception | None = None
@@ -139,7 +148,7 @@ class AsyncBalancedTransport(httpx.AsyncBaseTransport):
                     continue
                 raise
             except BaseException:
-                pick.release(failed=False)  # cancelled: says nothing about the backend
+                pick._end(None)  # cancelled: says nothing about the backend
                 raise
             failed = response.status_code in self.failure_statuses
             pick.release(failed=failed)
