@@ -52,13 +52,22 @@ def _may_retry(request: httpx.Request, error: Exception | None) -> bool:
     )
 
 
-def _check_retries(retries: int) -> int:
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be a whole number of at least 0 (got {retries!r}).")
-    return retries
+class _Policy:
+    """What both transports share: the balancer, the retry budget, the failing statuses."""
+
+    def __init__(
+        self, balancer: LoadBalancer[str], retries: int, failure_statuses: Collection[int]
+    ) -> None:
+        if not isinstance(balancer, LoadBalancer):
+            raise TypeError(f"balancer must be a buttress LoadBalancer (got {balancer!r}).")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a whole number of at least 0 (got {retries!r}).")
+        self.balancer = balancer
+        self.retries = retries
+        self.failure_statuses = frozenset(failure_statuses)
 
 
-class BalancedTransport(httpx.BaseTransport):
+class BalancedTransport(_Policy, httpx.BaseTransport):
     """Sends each request to a backend (a base URL such as ``"http://10.0.0.7:8080"``) that
     ``balancer`` picks. A connection error, a timeout or a 502/503/504 counts as a failure of
     that backend and, when safe, the request goes to another one, up to ``retries`` times. A
@@ -73,11 +82,7 @@ class BalancedTransport(httpx.BaseTransport):
         failure_statuses: Collection[int] = FAILURE_STATUSES,
         transport: Callable[[], httpx.BaseTransport] = httpx.HTTPTransport,
     ) -> None:
-        if not isinstance(balancer, LoadBalancer):
-            raise TypeError(f"balancer must be a buttress LoadBalancer (got {balancer!r}).")
-        self.balancer = balancer
-        self.retries = _check_retries(retries)
-        self.failure_statuses = frozenset(failure_statuses)
+        super().__init__(balancer, retries, failure_statuses)
         # One transport (and its connection pool) for every backend.
         self._transport = transport()
 
@@ -112,7 +117,7 @@ class BalancedTransport(httpx.BaseTransport):
         self._transport.close()
 
 
-class AsyncBalancedTransport(httpx.AsyncBaseTransport):
+class AsyncBalancedTransport(_Policy, httpx.AsyncBaseTransport):
     """The asyncio twin of ``BalancedTransport``, for ``httpx.AsyncClient``."""
 
     def __init__(
@@ -123,12 +128,8 @@ class AsyncBalancedTransport(httpx.AsyncBaseTransport):
         failure_statuses: Collection[int] = FAILURE_STATUSES,
         transport: Callable[[], httpx.AsyncBaseTransport] = httpx.AsyncHTTPTransport,
     ) -> None:
-        if not isinstance(balancer, LoadBalancer):
-            raise TypeError(f"balancer must be a buttress LoadBalancer (got {balancer!r}).")
-        self.balancer = balancer
-        self.retries = _check_retries(retries)
-        self.failure_statuses = frozenset(failure_statuses)
-        self._transport = transport()
+        super().__init__(balancer, retries, failure_statuses)
+        self._async_transport = transport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self.retries:
@@ -138,7 +139,7 @@ class AsyncBalancedTransport(httpx.AsyncBaseTransport):
         for attempt in range(self.retries + 1):
             pick = self.balancer.pick(key)
             try:
-                response = await self._transport.handle_async_request(
+                response = await self._async_transport.handle_async_request(
                     _routed(request, pick.backend)
                 )
             except httpx.TransportError as error:
@@ -160,4 +161,4 @@ class AsyncBalancedTransport(httpx.AsyncBaseTransport):
         raise last_error
 
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        await self._async_transport.aclose()
