@@ -16,6 +16,7 @@ import pytest
 from buttress import ConnectionPool
 from buttress.backends.postgres import postgres_pool
 from psycopg import pq
+from support import run_threads
 
 Pool = ConnectionPool[psycopg.Connection[Any]]
 
@@ -295,39 +296,30 @@ def test_concurrent_queries_from_eight_threads(postgres_url: str) -> None:
     held_now: set[int] = set()
     guard = threading.Lock()
     pids: set[int] = set()
-    errors: list[BaseException] = []
     start = threading.Barrier(threads)
 
     with postgres_pool(postgres_url, min_size=1, max_size=size, timeout=30.0) as pool:
 
         def work(who: int) -> None:
-            try:
-                start.wait()
-                for n in range(rounds):
-                    with pool.connection() as conn:
+            start.wait()
+            for n in range(rounds):
+                with pool.connection() as conn:
+                    with guard:
+                        assert id(conn) not in held_now, "one connection lent twice"
+                        held_now.add(id(conn))
+                    try:
+                        row = conn.execute(
+                            "select pg_backend_pid(), %s::int, pg_sleep(0.002)", (who * n,)
+                        ).fetchone()
+                        assert row is not None
+                        assert row[:2] == (conn.info.backend_pid, who * n)
                         with guard:
-                            assert id(conn) not in held_now, "one connection lent twice"
-                            held_now.add(id(conn))
-                        try:
-                            row = conn.execute(
-                                "select pg_backend_pid(), %s::int, pg_sleep(0.002)", (who * n,)
-                            ).fetchone()
-                            assert row is not None
-                            assert row[:2] == (conn.info.backend_pid, who * n)
-                            with guard:
-                                pids.add(row[0])
-                        finally:
-                            with guard:
-                                held_now.discard(id(conn))
-            except BaseException as error:
-                errors.append(error)
+                            pids.add(row[0])
+                    finally:
+                        with guard:
+                            held_now.discard(id(conn))
 
-        workers = [threading.Thread(target=work, args=(who,)) for who in range(threads)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(60)
-        assert not errors, errors
+        run_threads(work, threads, 60)
         stats = pool.stats()
         assert len(pids) <= size
         assert stats.size <= size

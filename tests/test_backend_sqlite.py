@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from buttress import ConnectionPool
 from buttress.backends.sqlite import check, connect, reset, sqlite_pool
+from support import run_threads
 
 
 @pytest.fixture
@@ -42,33 +43,24 @@ def test_queries_through_the_pool_from_several_threads(
     threads, inserts = 6, 40
     held_now: set[int] = set()
     guard = threading.Lock()
-    errors: list[BaseException] = []
     start = threading.Barrier(threads)
 
     def work(who: int) -> None:
-        try:
-            start.wait()
-            for n in range(inserts):
-                with pool.connection() as conn, conn:
+        start.wait()
+        for n in range(inserts):
+            with pool.connection() as conn, conn:
+                with guard:
+                    assert id(conn) not in held_now, "one connection lent to two threads"
+                    held_now.add(id(conn))
+                try:
+                    conn.execute("insert into t (who, n) values (?, ?)", (str(who), n))
+                    total = conn.execute("select count(*) from t").fetchone()[0]
+                    assert total >= 1
+                finally:
                     with guard:
-                        assert id(conn) not in held_now, "one connection lent to two threads"
-                        held_now.add(id(conn))
-                    try:
-                        conn.execute("insert into t (who, n) values (?, ?)", (str(who), n))
-                        total = conn.execute("select count(*) from t").fetchone()[0]
-                        assert total >= 1
-                    finally:
-                        with guard:
-                            held_now.discard(id(conn))
-        except BaseException as error:
-            errors.append(error)
+                        held_now.discard(id(conn))
 
-    workers = [threading.Thread(target=work, args=(who,)) for who in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(60)
-    assert not errors, errors
+    run_threads(work, threads, 60)
     assert _rows(db) == [(threads * inserts,)]
     assert _rows(db, "select who, count(*) from t group by who order by who") == [
         (str(who), inserts) for who in range(threads)
