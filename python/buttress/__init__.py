@@ -18,6 +18,10 @@ from buttress.errors import (
     PoolError,
     PoolFullError,
     PoolTimeoutError,
+    QuorumNotReachedError,
+    RebalanceError,
+    ShardingError,
+    ShardUnavailableError,
 )
 from buttress.lazy import AsyncLazy, AsyncLazyCollection, Lazy, LazyCollection, lazy_property
 from buttress.pool import ConnectionPool, PoolLease, PoolStats
@@ -30,7 +34,15 @@ from buttress.resilience import (
     CircuitPermit,
     CircuitState,
 )
-from buttress.routing import HashRing, LoadBalancer, RebalancePlan, rebalance_plan
+from buttress.routing import (
+    HashRing,
+    LoadBalancer,
+    RebalancePlan,
+    ShardedStore,
+    ShardMove,
+    ShardPlan,
+    rebalance_plan,
+)
 
 __version__: str = _core.__version__
 
@@ -61,7 +73,14 @@ __all__ = [
     "PoolLease",
     "PoolStats",
     "PoolTimeoutError",
+    "QuorumNotReachedError",
+    "RebalanceError",
     "RebalancePlan",
+    "ShardMove",
+    "ShardPlan",
+    "ShardUnavailableError",
+    "ShardedStore",
+    "ShardingError",
     "__version__",
     "lazy_property",
     "rebalance_plan",

@@ -2,7 +2,7 @@
 
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from types import GenericAlias, TracebackType
-from typing import Any, Final, Generic, TypeVar, final
+from typing import Any, Final, Generic, Literal, TypeVar, final
 
 from typing_extensions import disjoint_base
 
@@ -324,7 +324,7 @@ class ConnectionPool(Generic[_C]):
         exc_value: BaseException | None,
         traceback: TracebackType | None,
         /,
-    ) -> bool: ...
+    ) -> Literal[False]: ...
 
 @final
 class PoolLease(Generic[_C]):
@@ -342,7 +342,7 @@ class PoolLease(Generic[_C]):
         exc_value: BaseException | None,
         traceback: TracebackType | None,
         /,
-    ) -> bool: ...
+    ) -> Literal[False]: ...
     def _hold(self, conn: _C, lease: int) -> None: ...
     def __aenter__(self) -> Awaitable[_C]: ...
     def __aexit__(

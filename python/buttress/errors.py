@@ -185,3 +185,77 @@ class NoHealthyBackendError(ButtressError):
             "unhealthy or ejected. Fix them, wait for their ejection to end, or set "
             "panic_threshold to route to them anyway."
         )
+
+
+class ShardingError(ButtressError):
+    """Base class of the errors a ``ShardedStore`` raises."""
+
+
+class ShardUnavailableError(ShardingError):
+    """No node that holds a shard could answer (or none could without going back on the
+    caller's own recent write).
+
+    Raised as ``ShardUnavailableError(shard, nodes, reason)``; the last failure is chained as
+    ``__cause__``.
+    """
+
+    @property
+    def shard(self) -> int:
+        """The logical shard."""
+        return int(self.args[0])
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """The nodes that were tried, in order."""
+        return tuple(self.args[1])
+
+    @property
+    def reason(self) -> str:
+        """Why none of them would do."""
+        return str(self.args[2])
+
+    def __str__(self) -> str:
+        tried = ", ".join(f"'{node}'" for node in self.nodes)
+        return f"Shard {self.shard} is unavailable: {self.reason} (tried {tried})."
+
+
+class QuorumNotReachedError(ShardingError):
+    """A write reached the primary but fewer nodes than the write quorum acknowledged it.
+
+    The write is NOT lost: it is durable on the primary, which also holds a record of every
+    replica still owed it, and the store's replicator keeps retrying those. Raised as
+    ``QuorumNotReachedError(key, acknowledged, quorum, failed)``.
+    """
+
+    @property
+    def key(self) -> str:
+        """The key written."""
+        return str(self.args[0])
+
+    @property
+    def acknowledged(self) -> int:
+        """How many nodes, the primary included, have the write."""
+        return int(self.args[1])
+
+    @property
+    def quorum(self) -> int:
+        """How many were needed."""
+        return int(self.args[2])
+
+    @property
+    def failed(self) -> tuple[str, ...]:
+        """The replicas that did not acknowledge it; the replicator retries them."""
+        return tuple(self.args[3])
+
+    def __str__(self) -> str:
+        failed = ", ".join(f"'{node}'" for node in self.failed)
+        return (
+            f"The write of key {self.key!r} reached {self.acknowledged} of the {self.quorum} "
+            f"nodes its quorum needs ({failed} failed). It is durable on the primary and "
+            "queued for the failed replicas, which the replicator keeps retrying."
+        )
+
+
+class RebalanceError(ShardingError):
+    """A rebalance could not be carried out; the shards it had not switched keep their old
+    nodes, so no data is lost or hidden."""

@@ -19,11 +19,13 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "`pip install 'buttress[postgres]'`."
     ) from error
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
+from buttress.backends._shard_sql import SqlShardBackend
 from buttress.pool import ConnectionPool
 
-__all__ = ["check", "is_broken", "postgres_pool", "reset"]
+__all__ = ["PostgresShardBackend", "check", "is_broken", "postgres_pool", "reset"]
 
 
 def check(conn: psycopg.Connection[Any]) -> None:
@@ -108,3 +110,72 @@ def postgres_pool(
         max_idle=max_idle,
         **options,
     )
+
+
+class PostgresShardBackend(SqlShardBackend):
+    """A node of a ``ShardedStore`` in a PostgreSQL database.
+
+    A primary's write is one round trip: the row and what each replica is owed go in one
+    statement. Keys sort in byte order (``COLLATE "C"``) whatever the database's locale.
+    ``pool_options`` go to ``postgres_pool``.
+    """
+
+    blob_type = "bytea"
+    key_type = 'text collate "C"'
+    greatest = "greatest"
+
+    def __init__(
+        self, url: str, *, table_prefix: str = "buttress_shard", **pool_options: Any
+    ) -> None:
+        self.url = url
+        pool_options.setdefault("name", "postgres-shard")
+        pool_options.setdefault("min_size", 0)
+        super().__init__(
+            postgres_pool(url, autocommit=True, **pool_options), table_prefix=table_prefix
+        )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        with self.pool.connection() as conn, conn.transaction():
+            yield conn
+
+    def _sql(self, statement: str) -> str:
+        return statement.replace("?", "%s")
+
+    def write(
+        self, shard: int, key: str, value: bytes | None, replicas: Sequence[str], now: int
+    ) -> int | None:
+        rows, hints = self.rows_table, self.hints_table
+        if value is None:
+            written = (
+                f"update {rows} set value = null, version = greatest(version + 1, %(now)s) "
+                "where shard = %(shard)s and key = %(key)s and value is not null returning version"
+            )
+        else:
+            written = (
+                f"insert into {rows} (shard, key, value, version) "
+                "values (%(shard)s, %(key)s, %(value)s, %(now)s) "
+                "on conflict (shard, key) do update set value = excluded.value, "
+                f"version = greatest({rows}.version + 1, excluded.version) returning version"
+            )
+        statement = (
+            f"with written as ({written}), owed as ("
+            f"insert into {hints} (shard, replica, key, version) "
+            "select %(shard)s, replica, %(key)s, written.version "
+            "from written, unnest(%(replicas)s::text[]) as replica "
+            "on conflict (shard, replica, key) do update set version = excluded.version) "
+            "select version from written"
+        )
+        parameters = {
+            "shard": shard,
+            "key": key,
+            "value": value,
+            "now": now,
+            "replicas": list(replicas),
+        }
+        with self.pool.connection() as conn:
+            found = conn.execute(statement, parameters).fetchone()
+        return None if found is None else int(found[0])
+
+    def __repr__(self) -> str:
+        return f"PostgresShardBackend({self.url!r})"

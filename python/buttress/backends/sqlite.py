@@ -7,14 +7,24 @@ a time) and, for files, in WAL mode so readers don't block the writer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
+from buttress.backends._shard_sql import SqlShardBackend
 from buttress.pool import ConnectionPool
 
-__all__ = ["PooledConnection", "check", "connect", "reset", "sqlite_pool"]
+__all__ = [
+    "PooledConnection",
+    "SQLiteShardBackend",
+    "check",
+    "connect",
+    "reset",
+    "sqlite_pool",
+]
 
 
 class PooledConnection(sqlite3.Connection):
@@ -117,3 +127,37 @@ def sqlite_pool(
         max_size=max_size,
         **options,
     )
+
+
+class SQLiteShardBackend(SqlShardBackend):
+    """A node of a ``ShardedStore`` in one SQLite file: the default, no server needed.
+
+    ``pool_options`` go to ``sqlite_pool`` (for example ``max_size`` or ``busy_timeout``).
+
+    >>> import tempfile, os
+    >>> node = SQLiteShardBackend(os.path.join(tempfile.mkdtemp(), "node-a.db"))
+    >>> node.write(7, "user:1", b"ada", replicas=[], now=1)
+    1
+    >>> node.read(7, "user:1")
+    (b'ada', 1)
+    >>> node.close()
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        table_prefix: str = "buttress_shard",
+        **pool_options: Any,
+    ) -> None:
+        self.path = os.fspath(path)
+        pool_options.setdefault("name", f"shard:{os.path.basename(self.path)}")
+        super().__init__(sqlite_pool(path, **pool_options), table_prefix=table_prefix)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[PooledConnection]:
+        with self.pool.connection() as conn, conn:
+            yield conn
+
+    def __repr__(self) -> str:
+        return f"SQLiteShardBackend({self.path!r})"

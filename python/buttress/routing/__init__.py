@@ -1,6 +1,6 @@
 """Routing: the consistent-hash ring (Rust core) that places keys on nodes, the plan of what a
-change to the ring would move, and the load balancer (``buttress.routing.http`` has its httpx
-transports).
+change to the ring would move, the sharded store built on it, and the load balancer
+(``buttress.routing.http`` has its httpx transports).
 
 ``HashRing`` places keys with ketama (exactly as libketama and uhashring do, so a user of either
 can switch without moving data), rendezvous hashing or jump consistent hash.
@@ -14,6 +14,13 @@ from collections.abc import Iterable
 
 from buttress._core import HashRing
 from buttress.routing.balancer import Algorithm, BackendStatus, LoadBalancer, Pick
+from buttress.routing.sharding import (
+    ShardBackend,
+    ShardedStore,
+    ShardMove,
+    ShardPlan,
+    ShardStoreStats,
+)
 
 __all__ = [
     "Algorithm",
@@ -22,6 +29,11 @@ __all__ = [
     "LoadBalancer",
     "Pick",
     "RebalancePlan",
+    "ShardBackend",
+    "ShardMove",
+    "ShardPlan",
+    "ShardStoreStats",
+    "ShardedStore",
     "rebalance_plan",
 ]
 
