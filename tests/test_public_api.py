@@ -17,6 +17,7 @@ import buttress.resilience
 import buttress.resilience._state
 import buttress.resilience.breaker
 import buttress.resilience.bulkhead
+import buttress.routing.sharding
 import pytest
 from buttress import _core
 
@@ -68,6 +69,7 @@ def test_core_all_is_exactly_the_public_names() -> None:
         buttress.resilience.breaker,
         buttress.resilience.bulkhead,
         buttress.resilience._state,
+        buttress.routing.sharding,
     ],
     ids=lambda module: module.__name__,
 )
@@ -205,6 +207,10 @@ def test_every_buttress_exception_is_a_buttress_error() -> None:
         buttress.PoolClosedError,
         buttress.EmptyRingError,
         buttress.NoHealthyBackendError,
+        buttress.ShardingError,
+        buttress.ShardUnavailableError,
+        buttress.QuorumNotReachedError,
+        buttress.RebalanceError,
     }
     for exception in exceptions:
         assert issubclass(exception, buttress.ButtressError)

@@ -12,6 +12,10 @@ __all__ = [
     "PoolError",
     "PoolFullError",
     "PoolTimeoutError",
+    "QuorumNotReachedError",
+    "RebalanceError",
+    "ShardUnavailableError",
+    "ShardingError",
 ]
 
 
