@@ -388,10 +388,22 @@ class ShardedStore:
         """How many replica writes the primaries still owe (asks every node)."""
         total = 0
         for name, node in self._nodes.items():
-            for shard, count in node.hinted_shards().items():
+            try:
+                hinted = node.hinted_shards()
+            except Exception as error:
+                raise ShardUnavailableError(
+                    -1, (name,), f"node '{name}' could not say what it owes: {error}"
+                ) from error
+            for shard, count in hinted.items():
                 if shard < self._shards and self._layout[shard][0] == name:
                     total += count
         return total
+
+    def _owing(self) -> bool:
+        try:
+            return self.pending_replication() > 0
+        except ShardUnavailableError:
+            return True
 
     def flush(self, timeout: float | None = None) -> bool:
         """Waits until every replica has every write; False if ``timeout`` seconds pass first."""
@@ -399,7 +411,7 @@ class ShardedStore:
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
         self._replicator.wake_all()
-        while self.pending_replication():
+        while self._owing():
             left = _remaining(deadline)
             if left is not None and left <= 0:
                 return False
@@ -1027,15 +1039,22 @@ class _Replicator:
 
     def _failed(self, name: str, error: BaseException) -> None:
         first, longest = self._store._backoff
+        already = name in self._delay
         delay = min(longest, self._delay.get(name, first / 2) * 2)
         self._delay[name] = delay
         self._retry_at[name] = time.monotonic() + delay
-        logger.warning(
-            "Replication via node '%s' failed; retrying in %.2f s: %s", name, delay, error
+        # One warning when a node starts failing, not one per retry.
+        logger.log(
+            logging.DEBUG if already else logging.WARNING,
+            "Replication via node '%s' failed; retrying in %.2f s: %s",
+            name,
+            delay,
+            error,
         )
 
     def _succeeded(self, name: str) -> None:
-        self._delay.pop(name, None)
+        if self._delay.pop(name, None) is not None:
+            logger.warning("Replication via node '%s' works again.", name)
         self._retry_at.pop(name, None)
 
 
