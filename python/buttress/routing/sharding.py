@@ -241,9 +241,15 @@ class ShardedStore:
             if name not in nodes:
                 raise ValueError(f"weights names node '{name}', which is not in nodes.")
         read_replicas = dict(read_replicas or {})
-        for name in read_replicas:
+        for name, copies in read_replicas.items():
             if name not in nodes:
                 raise ValueError(f"read_replicas names node '{name}', which is not in nodes.")
+            for copy in copies:
+                if not isinstance(copy, ShardBackend):
+                    raise TypeError(
+                        f"read_replicas of node '{name}' must be ShardBackends "
+                        f"(got {type(copy).__name__})."
+                    )
 
         self._shards = shards
         self._members = members
@@ -253,6 +259,8 @@ class ShardedStore:
         self._remember_limit = remember_writes
         self._backoff = (float(low), float(high))
         self._nodes: dict[str, ShardBackend] = {}
+        # Backends the store opened from paths; a failed __init__ closes only these.
+        self._opened: list[ShardBackend] = []
         self._read_replicas = {name: tuple(found) for name, found in read_replicas.items()}
         self._leaving: set[str] = set()
         self._ring = HashRing(algorithm="rendezvous")
@@ -262,7 +270,7 @@ class ShardedStore:
                 self._admit(name, backend, weights.get(name, 1))
             self._layout, self._epoch = self._open_layout()
         except BaseException:
-            self._close_backends()
+            _close_all(self._opened)
             raise
 
         # Writes to a shard hold it open; a move freezes it (new writes wait) and waits for the
@@ -654,19 +662,18 @@ class ShardedStore:
     ) -> dict[str, tuple[bytes | None, int]]:
         self._check_open()
         self._count("reads")
-        # A read that overlaps a move's switch may have asked a node that has since dropped
-        # the shard; the epoch tells, and the read is asked again of the new nodes.
+        # A read that overlaps the switch of its shard may have asked a node that has since
+        # dropped it; it is asked again of the new nodes (a shard switches rarely).
         for _ in range(3):
-            epoch = self._epoch
-            found = self._read_once(shard, keys, primary_only)
-            if self._epoch == epoch:
+            members = self._layout[shard]
+            found = self._read_once(shard, members, keys, primary_only)
+            if self._layout[shard] == members:
                 break
         return found
 
     def _read_once(
-        self, shard: int, keys: list[str], primary_only: bool
+        self, shard: int, members: tuple[str, ...], keys: list[str], primary_only: bool
     ) -> dict[str, tuple[bytes | None, int]]:
-        members = self._layout[shard]
         primary = members[0]
         secondaries = [(name, self._nodes[name]) for name in members[1:]]
         secondaries += [
@@ -741,6 +748,7 @@ class ShardedStore:
             from buttress.backends.sqlite import SQLiteShardBackend
 
             backend = SQLiteShardBackend(backend)
+            self._opened.append(backend)
         elif not isinstance(backend, ShardBackend):
             raise TypeError(
                 f"The backend of node '{name}' must be a ShardBackend or an SQLite file path "
@@ -890,10 +898,7 @@ class ShardedStore:
         holding = {name for nodes in self._layout for name in nodes}
         for name in sorted(self._leaving - holding):
             self._leaving.discard(name)
-            node = self._nodes.pop(name)
-            self._read_replicas.pop(name, None)
-            with contextlib.suppress(Exception):
-                node.close()
+            _close_all([self._nodes.pop(name), *self._read_replicas.pop(name, ())])
 
     def _count(self, name: str, amount: int = 1) -> None:
         with self._counts_lock:
@@ -904,14 +909,10 @@ class ShardedStore:
             raise RuntimeError("The store is closed.")
 
     def _close_backends(self) -> None:
-        backends = list(getattr(self, "_nodes", {}).values())
-        for replicas in getattr(self, "_read_replicas", {}).values():
+        backends = list(self._nodes.values())
+        for replicas in self._read_replicas.values():
             backends.extend(replicas)
-        for backend in backends:
-            try:
-                backend.close()
-            except Exception:
-                logger.warning("A backend failed to close.", exc_info=True)
+        _close_all(backends)
 
 
 class _Replicator:
@@ -1060,6 +1061,14 @@ class _Replicator:
 
 # What one catch-up pass left: nothing, more to send now, or writes waiting for a retry.
 _DONE, _MORE, _BLOCKED = 0, 1, 2
+
+
+def _close_all(backends: Sequence[ShardBackend]) -> None:
+    for backend in backends:
+        try:
+            backend.close()
+        except Exception:
+            logger.warning("Backend %r failed to close.", backend, exc_info=True)
 
 
 def _read_one(node: ShardBackend, shard: int, key: str) -> dict[str, tuple[bytes | None, int]]:
