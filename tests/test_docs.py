@@ -15,6 +15,7 @@ import buttress.resilience.breaker
 import buttress.resilience.bulkhead
 import buttress.routing
 import buttress.routing.balancer
+import buttress.routing.sharding
 import pytest
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
@@ -48,6 +49,7 @@ def test_readme_example_runs(index: int, capsys: pytest.CaptureFixture[str]) -> 
         buttress.pool,
         buttress.routing,
         buttress.routing.balancer,
+        buttress.routing.sharding,
         buttress.backends.sqlite,
         buttress.resilience.breaker,
         buttress.resilience.bulkhead,
