@@ -204,15 +204,18 @@ def test_least_connections_ties_go_round() -> None:
 
 
 def test_least_request_never_picks_the_busier_of_its_two_choices() -> None:
-    """White-box: the balancer draws its two choices with `random.Random(seed).sample`, so a
-    twin generator knows them; picks held open make the loads uneven."""
+    """White-box: the balancer draws its two distinct choices from `random.Random(seed)` as
+    `int(random() * 4)` then `int(random() * 3)`, skipping the first, so a twin generator knows
+    them; picks held open make the loads uneven."""
     lb = LoadBalancer(FOUR, algorithm="least_request", seed=7)
     twin = random.Random(7)
     rng = random.Random(1)
     held: list[Pick[str]] = []
     for _ in range(400):
         loads = in_flight(lb)
-        first, second = twin.sample(FOUR, 2)
+        one = int(twin.random() * 4)
+        other = int(twin.random() * 3)
+        first, second = FOUR[one], FOUR[other + (other >= one)]
         pick = lb.pick()
         lighter = first if loads[first] <= loads[second] else second
         assert pick.backend == lighter, (first, second, loads, pick.backend)

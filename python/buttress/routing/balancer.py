@@ -253,6 +253,12 @@ class LoadBalancer(Generic[B]):
         self._lock = threading.Lock()
         self._backends: dict[B, _Backend[B]] = {}
         self._cursor = 0
+        # The backends in rotation, kept until a backend's state changes or the earliest
+        # ejection runs out, so a pick does not rebuild them.
+        self._cached: list[_Backend[B]] | None = None
+        self._cached_usable: frozenset[int] = frozenset()
+        self._cached_until = math.inf
+        self._entries: list[_Backend[B]] = []
         self._ring: HashRing | None = None
         self._checker: threading.Thread | None = None
         self._stop_checks = threading.Event()
@@ -287,7 +293,7 @@ class LoadBalancer(Generic[B]):
         if target in self._backends:
             raise ValueError(f"backend {target!r} is already in the balancer.")
         self._backends[target] = _Backend(target, weight, repr(target))
-        self._ring = None
+        self._changed()
 
     def add_backend(self, backend: B, weight: int = 1) -> None:
         """Adds a backend (healthy until checks or failures say otherwise)."""
@@ -305,14 +311,20 @@ class LoadBalancer(Generic[B]):
             if list(self._backends).index(backend) < self._cursor:
                 self._cursor -= 1  # the backends after it move up one place
             del self._backends[backend]
-            self._ring = None
+            self._changed()
 
     def set_weight(self, backend: B, weight: int) -> None:
         """Changes a backend's weight."""
         weight = _positive_int("weight", weight)
         with self._lock:
             self._entry(backend).weight = weight
-            self._ring = None
+            self._changed()
+
+    def _changed(self) -> None:
+        """Forgets what was derived from the backends' states (under the lock)."""
+        self._ring = None
+        self._cached = None
+        self._entries = list(self._backends.values())
 
     def _entry(self, backend: B) -> _Backend[B]:
         try:
@@ -363,9 +375,12 @@ class LoadBalancer(Generic[B]):
         if entry.ejected_until is not None and now >= entry.ejected_until:
             entry.ejected_until = None
             entry.consecutive_failures = 0
+            self._cached = None
 
     def _candidates(self) -> list[_Backend[B]]:
         now = self._now()
+        if self._cached is not None and now < self._cached_until:
+            return self._cached
         available = []
         for entry in self._backends.values():
             self._expire_ejection(entry, now)
@@ -375,9 +390,15 @@ class LoadBalancer(Generic[B]):
         if self._panic_threshold is not None and len(available) < self._panic_threshold * len(
             every
         ):
-            return every
+            available = every
         if not available:
             raise NoHealthyBackendError(self.name, len(every))
+        self._cached = available
+        self._cached_usable = frozenset(id(entry) for entry in available)
+        self._cached_until = min(
+            (entry.ejected_until for entry in every if entry.ejected_until is not None),
+            default=math.inf,
+        )
         return available
 
     def _select(self, key: object) -> _Backend[B]:
@@ -386,8 +407,12 @@ class LoadBalancer(Generic[B]):
         if algorithm is Algorithm.ROUND_ROBIN:
             # The cursor walks every backend in order and skips those out of rotation, so a
             # backend leaving or returning never shifts whose turn is next.
-            entries = list(self._backends.values())
-            usable = {id(entry) for entry in candidates}
+            entries = self._entries
+            if len(candidates) == len(entries):
+                index = self._cursor % len(entries)
+                self._cursor = index + 1
+                return entries[index]
+            usable = self._cached_usable
             for step in range(len(entries)):
                 index = (self._cursor + step) % len(entries)
                 if id(entries[index]) in usable:
@@ -413,7 +438,13 @@ class LoadBalancer(Generic[B]):
         if algorithm is Algorithm.LEAST_REQUEST:
             if len(candidates) == 1:
                 return candidates[0]
-            first, second = self._random.sample(candidates, 2)
+            # Two distinct random candidates; random() * n is uniform to within n / 2**53,
+            # and several times cheaper than sample().
+            count = len(candidates)
+            draw = self._random.random
+            one = int(draw() * count)
+            other = int(draw() * (count - 1))
+            first, second = candidates[one], candidates[other + (other >= one)]
             if first.in_flight / first.weight <= second.in_flight / second.weight:
                 return first
             return second
@@ -472,6 +503,7 @@ class LoadBalancer(Generic[B]):
                         self._base_ejection_time * entry.ejections, self._max_ejection_time
                     )
                     entry.ejected_until = self._now() + ejection
+                    self._cached = None
             else:
                 entry.successes += 1
                 entry.consecutive_failures = 0
@@ -492,11 +524,13 @@ class LoadBalancer(Generic[B]):
                 entry.check_passes += 1
                 if not entry.healthy and entry.check_passes >= self._healthy_threshold:
                     entry.healthy = True
+                    self._cached = None
             else:
                 entry.check_passes = 0
                 entry.check_failures += 1
                 if entry.healthy and entry.check_failures >= self._unhealthy_threshold:
                     entry.healthy = False
+                    self._cached = None
 
     def _passes(self, target: B) -> Any:
         assert self._health_check is not None
