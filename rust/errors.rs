@@ -49,6 +49,28 @@ pub enum Error {
     PermitAlreadyRecorded,
     /// An API used out of order (for example `__exit__` without `__enter__`); becomes `RuntimeError`.
     Misuse(String),
+    /// An append's expected version did not match the stream.
+    WrongExpectedVersion {
+        stream: String,
+        expected: String,
+        actual: Option<u64>,
+    },
+    /// An append reused event ids in a way a retry would not.
+    DuplicateEvent { id: [u8; 16], message: String },
+    /// A log file that does not check out, and not at its torn tail.
+    StoreCorrupted {
+        path: String,
+        offset: u64,
+        reason: String,
+    },
+    /// Another writer holds the log directory's lock.
+    StoreLocked { path: String },
+    /// The store failed a write earlier and takes no more appends.
+    StoreFailed(String),
+    /// The store was closed.
+    StoreClosed,
+    /// An operating-system error on a file; becomes `OSError`.
+    Io { path: String, message: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,7 +132,24 @@ impl fmt::Display for Error {
             Error::PermitAlreadyRecorded => f.write_str(
                 "This permit's outcome was already recorded; record each permit exactly once.",
             ),
-            Error::Misuse(message) => f.write_str(message),
+            Error::Misuse(message) | Error::StoreFailed(message) => f.write_str(message),
+            Error::WrongExpectedVersion {
+                stream,
+                expected,
+                actual,
+            } => write!(
+                f,
+                "stream '{stream}': expected version {expected}, actual {actual:?}"
+            ),
+            Error::DuplicateEvent { message, .. } => f.write_str(message),
+            Error::StoreCorrupted {
+                path,
+                offset,
+                reason,
+            } => write!(f, "{path} is corrupted at offset {offset}: {reason}"),
+            Error::StoreLocked { path } => write!(f, "{path} is locked by another writer"),
+            Error::StoreClosed => f.write_str("The event store is closed."),
+            Error::Io { path, message } => write!(f, "{path}: {message}"),
         }
     }
 }
@@ -140,6 +179,16 @@ static POOL_TIMEOUT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static POOL_FULL_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static POOL_CLOSED_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static EMPTY_RING_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static WRONG_EXPECTED_VERSION_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static DUPLICATE_EVENT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static STORE_CORRUPTED_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static STORE_LOCKED_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static STORE_FAILED_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static STORE_CLOSED_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+fn uuid_text(id: &[u8; 16]) -> String {
+    uuid::Uuid::from_bytes(*id).hyphenated().to_string()
+}
 
 /// `CircuitOpenError(name, retry_after)`; the breaker passes its name as a cached Python string.
 pub fn circuit_open_error(
@@ -190,6 +239,35 @@ pub fn to_py_err(py: Python<'_>, error: Error) -> PyErr {
             .map(|class| PyErr::from_type(class.clone(), (name.clone(), *max_waiting))),
         Error::PoolClosed { name } => error_class(py, &POOL_CLOSED_ERROR, "PoolClosedError")
             .map(|class| PyErr::from_type(class.clone(), (name.clone(),))),
+        Error::Io { .. } => return pyo3::exceptions::PyOSError::new_err(error.to_string()),
+        Error::WrongExpectedVersion {
+            stream,
+            expected,
+            actual,
+        } => error_class(
+            py,
+            &WRONG_EXPECTED_VERSION_ERROR,
+            "WrongExpectedVersionError",
+        )
+        .map(|class| PyErr::from_type(class.clone(), (stream.clone(), expected.clone(), *actual))),
+        Error::DuplicateEvent { id, message } => {
+            error_class(py, &DUPLICATE_EVENT_ERROR, "DuplicateEventError")
+                .map(|class| PyErr::from_type(class.clone(), (uuid_text(id), message.clone())))
+        }
+        Error::StoreCorrupted {
+            path,
+            offset,
+            reason,
+        } => error_class(py, &STORE_CORRUPTED_ERROR, "StoreCorruptedError")
+            .map(|class| PyErr::from_type(class.clone(), (path.clone(), *offset, reason.clone()))),
+        Error::StoreLocked { path } => error_class(py, &STORE_LOCKED_ERROR, "StoreLockedError")
+            .map(|class| PyErr::from_type(class.clone(), (path.clone(),))),
+        Error::StoreFailed(message) => {
+            error_class(py, &STORE_FAILED_ERROR, "EventStoreFailedError")
+                .map(|class| PyErr::from_type(class.clone(), (message.clone(),)))
+        }
+        Error::StoreClosed => error_class(py, &STORE_CLOSED_ERROR, "EventStoreClosedError")
+            .map(|class| PyErr::from_type(class.clone(), ())),
     };
     built.unwrap_or_else(|import_failure| import_failure)
 }
@@ -197,5 +275,46 @@ pub fn to_py_err(py: Python<'_>, error: Error) -> PyErr {
 impl From<Error> for PyErr {
     fn from(error: Error) -> Self {
         Python::attach(|py| to_py_err(py, error))
+    }
+}
+
+impl From<crate::eventstore::StoreError> for Error {
+    fn from(error: crate::eventstore::StoreError) -> Self {
+        use crate::eventlog::LogError;
+        use crate::eventstore::StoreError;
+        match error {
+            StoreError::WrongExpectedVersion {
+                stream,
+                expected,
+                actual,
+            } => Error::WrongExpectedVersion {
+                stream: stream.to_string(),
+                expected: expected.to_string(),
+                actual,
+            },
+            StoreError::DuplicateEvent { id, reason } => Error::DuplicateEvent {
+                id,
+                message: reason,
+            },
+            StoreError::Invalid(message) => Error::invalid("events", message),
+            StoreError::Failed(message) => Error::StoreFailed(message),
+            StoreError::Closed => Error::StoreClosed,
+            StoreError::Log(LogError::Io { path, error }) => Error::Io {
+                path: path.display().to_string(),
+                message: error.to_string(),
+            },
+            StoreError::Log(LogError::Corrupted {
+                path,
+                offset,
+                reason,
+            }) => Error::StoreCorrupted {
+                path: path.display().to_string(),
+                offset,
+                reason,
+            },
+            StoreError::Log(LogError::Locked { path }) => Error::StoreLocked {
+                path: path.display().to_string(),
+            },
+        }
     }
 }

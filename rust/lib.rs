@@ -1,6 +1,7 @@
 //! buttress: distributed-systems patterns for Python with Rust hot paths.
 //!
-//! Each core is a plain-Rust module with its own unit tests (`breaker`, `bulkhead`, `pool`, `ring`, `clock`, `jitter`, `md5`);
+//! Each core is a plain-Rust module with its own unit tests (`breaker`, `bulkhead`, `pool`, `ring`, `eventstore` with its log `eventlog`, `clock`,
+//! `jitter`, `md5`);
 //! each `*_py` module is the thin PyO3 binding for one core; `errors` maps the crate's one error
 //! type to Python exceptions.
 
@@ -12,6 +13,9 @@ mod bulkhead_py;
 pub mod clock;
 mod clock_py;
 pub mod errors;
+pub mod eventlog;
+pub mod eventstore;
+mod eventstore_py;
 pub mod jitter;
 pub mod md5;
 pub mod pool;
@@ -31,6 +35,8 @@ mod _core {
     use crate::bulkhead_py::{Bulkhead, BulkheadStats, BulkheadWaiter};
     #[pymodule_export]
     use crate::clock_py::ManualClock;
+    #[pymodule_export]
+    use crate::eventstore_py::{AppendResult, EventStore, NewEvent, RecordedEvent};
     #[pymodule_export]
     use crate::pool_py::{ConnectionPool, PoolLease, PoolStats, PoolWaiter};
     #[pymodule_export]

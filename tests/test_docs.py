@@ -9,6 +9,7 @@ import re
 import buttress
 import buttress.backends.sqlite
 import buttress.errors
+import buttress.events.store
 import buttress.lazy
 import buttress.pool
 import buttress.resilience.breaker
@@ -45,6 +46,7 @@ def test_readme_example_runs(index: int, capsys: pytest.CaptureFixture[str]) -> 
     [
         buttress,
         buttress.errors,
+        buttress.events.store,
         buttress.lazy,
         buttress.pool,
         buttress.routing,

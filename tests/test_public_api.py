@@ -13,6 +13,7 @@ from typing import Any
 
 import buttress
 import buttress.errors
+import buttress.events.store
 import buttress.resilience
 import buttress.resilience._state
 import buttress.resilience.breaker
@@ -70,6 +71,7 @@ def test_core_all_is_exactly_the_public_names() -> None:
         buttress.resilience.bulkhead,
         buttress.resilience._state,
         buttress.routing.sharding,
+        buttress.events.store,
     ],
     ids=lambda module: module.__name__,
 )
@@ -211,6 +213,13 @@ def test_every_buttress_exception_is_a_buttress_error() -> None:
         buttress.ShardUnavailableError,
         buttress.QuorumNotReachedError,
         buttress.RebalanceError,
+        buttress.EventStoreError,
+        buttress.WrongExpectedVersionError,
+        buttress.DuplicateEventError,
+        buttress.StoreCorruptedError,
+        buttress.StoreLockedError,
+        buttress.EventStoreFailedError,
+        buttress.EventStoreClosedError,
     }
     for exception in exceptions:
         assert issubclass(exception, buttress.ButtressError)

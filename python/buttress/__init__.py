@@ -12,7 +12,11 @@ from buttress.errors import (
     BulkheadFullError,
     ButtressError,
     CircuitOpenError,
+    DuplicateEventError,
     EmptyRingError,
+    EventStoreClosedError,
+    EventStoreError,
+    EventStoreFailedError,
     NoHealthyBackendError,
     PoolClosedError,
     PoolError,
@@ -22,7 +26,11 @@ from buttress.errors import (
     RebalanceError,
     ShardingError,
     ShardUnavailableError,
+    StoreCorruptedError,
+    StoreLockedError,
+    WrongExpectedVersionError,
 )
+from buttress.events import AppendResult, EventStore, NewEvent, RecordedEvent, Subscription
 from buttress.lazy import AsyncLazy, AsyncLazyCollection, Lazy, LazyCollection, lazy_property
 from buttress.pool import ConnectionPool, PoolLease, PoolStats
 from buttress.resilience import (
@@ -47,6 +55,7 @@ from buttress.routing import (
 __version__: str = _core.__version__
 
 __all__ = [
+    "AppendResult",
     "AsyncLazy",
     "AsyncLazyCollection",
     "BreakerMetrics",
@@ -60,12 +69,18 @@ __all__ = [
     "CircuitPermit",
     "CircuitState",
     "ConnectionPool",
+    "DuplicateEventError",
     "EmptyRingError",
+    "EventStore",
+    "EventStoreClosedError",
+    "EventStoreError",
+    "EventStoreFailedError",
     "HashRing",
     "Lazy",
     "LazyCollection",
     "LoadBalancer",
     "ManualClock",
+    "NewEvent",
     "NoHealthyBackendError",
     "PoolClosedError",
     "PoolError",
@@ -76,11 +91,16 @@ __all__ = [
     "QuorumNotReachedError",
     "RebalanceError",
     "RebalancePlan",
+    "RecordedEvent",
     "ShardMove",
     "ShardPlan",
     "ShardUnavailableError",
     "ShardedStore",
     "ShardingError",
+    "StoreCorruptedError",
+    "StoreLockedError",
+    "Subscription",
+    "WrongExpectedVersionError",
     "__version__",
     "lazy_property",
     "rebalance_plan",

@@ -1,14 +1,18 @@
 """Types of the Rust extension module; `python -m mypy.stubtest buttress._core` keeps them true."""
 
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from os import PathLike
+from pathlib import Path
 from types import GenericAlias, TracebackType
 from typing import Any, Final, Generic, Literal, TypeVar, final
+from uuid import UUID
 
-from typing_extensions import disjoint_base
+from typing_extensions import Self, disjoint_base
 
 from buttress.resilience._state import CircuitState
 
 __all__ = [
+    "AppendResult",
     "BreakerFunction",
     "BreakerMetrics",
     "Bulkhead",
@@ -17,11 +21,14 @@ __all__ = [
     "CircuitBreaker",
     "CircuitPermit",
     "ConnectionPool",
+    "EventStore",
     "HashRing",
     "ManualClock",
+    "NewEvent",
     "PoolLease",
     "PoolStats",
     "PoolWaiter",
+    "RecordedEvent",
     "__version__",
 ]
 
@@ -451,3 +458,143 @@ class HashRing:
     def __len__(self) -> int: ...
     def __contains__(self, name: object, /) -> bool: ...
     def __iter__(self) -> Iterator[str]: ...
+
+@final
+class NewEvent:
+    """An event to append: a type, data and metadata (bytes), and an id (a new UUID v4 unless
+    given; give your own to make a retried append idempotent)."""
+
+    def __new__(
+        cls,
+        type: str,
+        data: bytes | bytearray | memoryview | None = None,
+        metadata: bytes | bytearray | memoryview | None = None,
+        *,
+        id: UUID | bytes | None = None,
+    ) -> NewEvent: ...
+    @property
+    def id(self) -> UUID:
+        """The event's id."""
+    @property
+    def type(self) -> str:
+        """The event's type name."""
+    @property
+    def data(self) -> bytes:
+        """The event's payload."""
+    @property
+    def metadata(self) -> bytes:
+        """The event's metadata."""
+
+@final
+class RecordedEvent:
+    """An event as stored: its stream, version in the stream, and global position too."""
+
+    @property
+    def id(self) -> UUID:
+        """The event's id."""
+    @property
+    def type(self) -> str:
+        """The event's type name."""
+    @property
+    def data(self) -> bytes:
+        """The event's payload."""
+    @property
+    def metadata(self) -> bytes:
+        """The event's metadata."""
+    @property
+    def stream(self) -> str:
+        """The stream the event belongs to."""
+    @property
+    def version(self) -> int:
+        """The event's version in its stream (the first is 0)."""
+    @property
+    def position(self) -> int:
+        """The event's position in the store's global order (the first is 0)."""
+    @property
+    def timestamp(self) -> float:
+        """When the event was appended, in seconds since the epoch (UTC)."""
+    def __eq__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+
+@final
+class AppendResult:
+    """Where an append put a stream's events: the version of its last event and that event's
+    global position."""
+
+    @property
+    def version(self) -> int:
+        """The stream's version after the append (the version of its last event)."""
+    @property
+    def position(self) -> int:
+        """The global position of the stream's last appended event."""
+    def __eq__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+
+_Expected = int | Literal["any", "no_stream", "stream_exists"]
+
+@disjoint_base
+class EventStore:
+    """Streams of events with optimistic concurrency, in memory or in a durable log."""
+
+    def __new__(
+        cls,
+        path: str | PathLike[str] | None = None,
+        *,
+        fsync: Literal["always", "group", "never"] = "group",
+        segment_size: int = 67108864,
+    ) -> Self: ...
+    def append(
+        self,
+        stream: str,
+        events: NewEvent | Iterable[NewEvent],
+        expected_version: _Expected | None = None,
+    ) -> AppendResult:
+        """Appends `events` to `stream` if it is at `expected_version`; all of them or none."""
+    def append_many(
+        self, appends: Iterable[tuple[str, NewEvent | Iterable[NewEvent], _Expected | None]]
+    ) -> list[AppendResult]:
+        """Appends to several streams atomically."""
+    def read_stream(
+        self,
+        stream: str,
+        from_version: int | None = None,
+        *,
+        backwards: bool = False,
+        limit: int | None = None,
+    ) -> list[RecordedEvent]:
+        """A stream's events from `from_version`, forwards or backwards."""
+    def read_all(
+        self, from_position: int | None = None, *, limit: int | None = None
+    ) -> list[RecordedEvent]:
+        """Every stream's events in global order, from `from_position`."""
+    def stream_version(self, stream: str) -> int | None:
+        """The version of a stream's last event, or None when it has none."""
+    def streams(self) -> list[str]:
+        """The names of the streams that have events, sorted."""
+    @property
+    def head(self) -> int:
+        """The position the next event will get: how many events the store holds."""
+    @property
+    def path(self) -> Path | None:
+        """The log directory, or None for an in-memory store."""
+    @property
+    def fsync(self) -> str | None:
+        """The fsync policy of a durable store, or None in memory."""
+    @property
+    def recovered_truncated_bytes(self) -> int:
+        """Bytes of a torn last record cut from the log when it was opened."""
+    def poll(
+        self,
+        from_position: int,
+        limit: int,
+        timeout: float | None,
+        stream_prefix: str | None = None,
+        event_types: set[str] | None = None,
+    ) -> tuple[list[RecordedEvent], int]:
+        """Up to `limit` matching events from `from_position`, and where to continue."""
+    def _watch(self, after: int, callback: Callable[[], object]) -> None: ...
+    def close(self) -> None:
+        """Writes what is queued, syncs, and closes the log."""
+    @property
+    def closed(self) -> bool:
+        """Whether the store was closed."""

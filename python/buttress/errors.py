@@ -6,7 +6,11 @@ __all__ = [
     "BulkheadFullError",
     "ButtressError",
     "CircuitOpenError",
+    "DuplicateEventError",
     "EmptyRingError",
+    "EventStoreClosedError",
+    "EventStoreError",
+    "EventStoreFailedError",
     "NoHealthyBackendError",
     "PoolClosedError",
     "PoolError",
@@ -16,6 +20,9 @@ __all__ = [
     "RebalanceError",
     "ShardUnavailableError",
     "ShardingError",
+    "StoreCorruptedError",
+    "StoreLockedError",
+    "WrongExpectedVersionError",
 ]
 
 
@@ -263,3 +270,104 @@ class QuorumNotReachedError(ShardingError):
 class RebalanceError(ShardingError):
     """A rebalance could not be carried out; the shards it had not switched keep their old
     nodes, so no data is lost or hidden."""
+
+
+class EventStoreError(ButtressError):
+    """Base class of the errors an ``EventStore`` raises."""
+
+
+class WrongExpectedVersionError(EventStoreError):
+    """An append's expected version did not match its stream: someone else wrote first.
+
+    Raised as ``WrongExpectedVersionError(stream, expected, actual)``.
+    """
+
+    @property
+    def stream(self) -> str:
+        """The stream appended to."""
+        return str(self.args[0])
+
+    @property
+    def expected(self) -> str:
+        """What the append expected: a version, 'no_stream', 'stream_exists' or 'any'."""
+        return str(self.args[1])
+
+    @property
+    def actual(self) -> int | None:
+        """The version of the stream's last event, or None when the stream has none."""
+        return None if self.args[2] is None else int(self.args[2])
+
+    def __str__(self) -> str:
+        actual = "it has no events" if self.actual is None else f"it is at version {self.actual}"
+        expected = {
+            "no_stream": "to have no events",
+            "stream_exists": "to exist",
+            "any": "at any version",
+        }.get(self.expected, f"at version {self.expected}")
+        return (
+            f"Stream '{self.stream}' was expected {expected}, but {actual}. Another writer "
+            "got there first: reload the stream and decide again (or retry the command)."
+        )
+
+
+class DuplicateEventError(EventStoreError):
+    """An append reused event ids, but not as an exact retry of the append that stored them.
+
+    Raised as ``DuplicateEventError(event_id, message)``.
+    """
+
+    @property
+    def event_id(self) -> str:
+        """The first id at fault, as a UUID string."""
+        return str(self.args[0])
+
+    def __str__(self) -> str:
+        return f"{self.args[1]} (event id {self.event_id})"
+
+
+class StoreCorruptedError(EventStoreError):
+    """A log file holds a damaged record that is not a torn tail; the store refuses to open
+    rather than skip it.
+
+    Raised as ``StoreCorruptedError(path, offset, reason)``.
+    """
+
+    @property
+    def path(self) -> str:
+        """The damaged file."""
+        return str(self.args[0])
+
+    @property
+    def offset(self) -> int:
+        """The byte offset of the damaged record."""
+        return int(self.args[1])
+
+    def __str__(self) -> str:
+        return (
+            f"The event log file {self.path} is damaged at byte {self.offset}: {self.args[2]}. "
+            "Restore it from a backup or a replica; nothing after this point was read."
+        )
+
+
+class StoreLockedError(EventStoreError):
+    """Another process (or store object) has the log directory open for writing.
+
+    Raised as ``StoreLockedError(lock_path)``.
+    """
+
+    def __str__(self) -> str:
+        return (
+            f"The event log is locked by another writer ({self.args[0]}); one process writes "
+            "a log directory at a time. Close the other store first."
+        )
+
+
+class EventStoreFailedError(EventStoreError):
+    """A write to the log failed; the store takes no more appends until it is reopened."""
+
+
+class EventStoreClosedError(EventStoreError):
+    """The event store was closed."""
+
+    def __str__(self) -> str:
+        return "The event store is closed."

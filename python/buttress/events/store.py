@@ -1,0 +1,209 @@
+"""The event store (Rust core) and its catch-up subscriptions.
+
+``EventStore()`` keeps events in memory; ``EventStore(path)`` keeps them in a durable log in the
+directory ``path`` (format: ``docs/event-log-format.md``) and in memory for reads. Appends check
+an expected version, are idempotent by event id, and can span several streams atomically.
+
+>>> store = EventStore()
+>>> store.append("order-1", [NewEvent("Placed", b'{"total": 30}')], expected_version="no_stream")
+AppendResult(version=0, position=0)
+>>> store.append("order-1", [NewEvent("Paid", b"{}")], expected_version=0)
+AppendResult(version=1, position=1)
+>>> [event.type for event in store.read_stream("order-1")]
+['Placed', 'Paid']
+>>> subscription = store.subscribe(event_types={"Paid"})
+>>> subscription.next(timeout=1).stream
+'order-1'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Literal
+
+from buttress import _core
+from buttress._core import AppendResult, NewEvent, RecordedEvent
+
+__all__ = [
+    "AppendResult",
+    "EventStore",
+    "ExpectedVersion",
+    "NewEvent",
+    "RecordedEvent",
+    "Subscription",
+]
+
+ExpectedVersion = int | Literal["any", "no_stream", "stream_exists"]
+
+
+class EventStore(_core.EventStore):
+    """Streams of events with per-stream versions and one global order.
+
+    ``path=None`` keeps the store in memory. With a directory, events go to a durable log:
+    ``fsync="always"`` syncs each append, ``"group"`` (the default) lets appends that arrive
+    together share one sync, ``"never"`` leaves syncing to the operating system (a machine crash
+    can lose the latest appends, never corrupt the log). One process writes a directory at a time.
+    """
+
+    def subscribe(
+        self,
+        from_position: int = 0,
+        *,
+        stream_prefix: str | None = None,
+        event_types: Iterable[str] | None = None,
+        batch_size: int = 256,
+    ) -> Subscription:
+        """A catch-up subscription: the events from ``from_position`` on (history first, then
+        new ones as they are appended), optionally only those of streams starting with
+        ``stream_prefix`` and of the ``event_types``."""
+        return Subscription(self, from_position, stream_prefix, event_types, batch_size)
+
+    async def append_async(
+        self,
+        stream: str,
+        events: NewEvent | Iterable[NewEvent],
+        expected_version: ExpectedVersion | None = None,
+    ) -> AppendResult:
+        """``append`` for asyncio: a durable store waits for its sync on a worker thread."""
+        if self.path is None:
+            return self.append(stream, events, expected_version)
+        return await asyncio.to_thread(self.append, stream, events, expected_version)
+
+    async def append_many_async(
+        self, appends: Iterable[tuple[str, NewEvent | Iterable[NewEvent], ExpectedVersion | None]]
+    ) -> list[AppendResult]:
+        """``append_many`` for asyncio."""
+        if self.path is None:
+            return self.append_many(appends)
+        return await asyncio.to_thread(self.append_many, list(appends))
+
+    async def close_async(self) -> None:
+        """``close`` for asyncio."""
+        await asyncio.to_thread(self.close)
+
+    def __enter__(self) -> EventStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> EventStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close_async()
+
+
+class Subscription:
+    """Delivers a store's events in global order from a position: everything already stored,
+    then each new event as it becomes visible. Iterate it (``for event in subscription``, which
+    waits with the GIL released, or ``async for``), or call ``next(timeout)``. Iteration ends
+    when the subscription or the store is closed. ``position`` is where it will read next, so a
+    consumer that saves it can resume there."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        from_position: int,
+        stream_prefix: str | None,
+        event_types: Iterable[str] | None,
+        batch_size: int,
+    ) -> None:
+        if not isinstance(from_position, int) or isinstance(from_position, bool):
+            raise TypeError(f"from_position must be an int (got {type(from_position).__name__}).")
+        if from_position < 0:
+            raise ValueError(f"from_position must be 0 or more (got {from_position}).")
+        if stream_prefix is not None and not isinstance(stream_prefix, str):
+            raise TypeError(
+                f"stream_prefix must be a str or None (got {type(stream_prefix).__name__})."
+            )
+        if isinstance(event_types, str):
+            raise TypeError("event_types must be a collection of type names, not one string.")
+        types = None if event_types is None else set(event_types)
+        if types is not None and not all(isinstance(name, str) for name in types):
+            raise TypeError("event_types must hold str type names.")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number from 1 (got {batch_size!r}).")
+        self._store = store
+        self._next = from_position
+        self._prefix = stream_prefix
+        self._types = types
+        self._batch_size = batch_size
+        self._buffer: deque[RecordedEvent] = deque()
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def position(self) -> int:
+        """The global position after the last event delivered: where a resumed subscription
+        should start."""
+        with self._lock:
+            return self._buffer[0].position if self._buffer else self._next
+
+    def _fill(self, timeout: float | None) -> None:
+        found, self._next = self._store.poll(
+            self._next, self._batch_size, timeout, self._prefix, self._types
+        )
+        self._buffer.extend(found)
+
+    def next(self, timeout: float | None = None) -> RecordedEvent | None:
+        """The next event, waiting up to ``timeout`` seconds (None: until one comes); None if
+        none came in time or the subscription is closed."""
+        with self._lock:
+            if not self._buffer and not self._closed and not self._store.closed:
+                self._fill(timeout)
+            return self._buffer.popleft() if self._buffer else None
+
+    def __iter__(self) -> Iterator[RecordedEvent]:
+        return self
+
+    def __next__(self) -> RecordedEvent:
+        while True:
+            if self._closed or (self._store.closed and not self._buffer):
+                raise StopIteration
+            event = self.next(timeout=1.0)
+            if event is not None:
+                return event
+
+    def __aiter__(self) -> AsyncIterator[RecordedEvent]:
+        return self
+
+    async def __anext__(self) -> RecordedEvent:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._closed or (self._store.closed and not self._buffer):
+                raise StopAsyncIteration
+            event = self.next(timeout=0)
+            if event is not None:
+                return event
+            woken = loop.create_future()
+
+            def wake(future: asyncio.Future[None] = woken) -> None:
+                # From whichever thread made events visible; the loop may be gone by then.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_resolve, future)
+
+            # Woken once the position this subscription reads next is visible.
+            self._store._watch(self._next, wake)
+            await woken
+
+    def close(self) -> None:
+        """Ends iteration; events not yet delivered are dropped."""
+        with self._lock:
+            self._closed = True
+            self._buffer.clear()
+
+    def __repr__(self) -> str:
+        return (
+            f"Subscription(position={self.position}, stream_prefix={self._prefix!r}, "
+            f"event_types={self._types!r})"
+        )
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

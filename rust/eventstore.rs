@@ -1,0 +1,978 @@
+//! The event store: streams of events with per-stream versions and one global order, kept in
+//! memory and, optionally, in a durable log (`eventlog`).
+//!
+//! An append takes the state lock only to check expected versions, give the events their
+//! versions and positions, and queue one encoded record. Durability happens after, outside that
+//! lock: the first appender to reach the log's writer writes every queued record and syncs once
+//! (group commit), so threads arriving while a sync runs share the next one. Events become
+//! visible to readers only once their record is durable (per the policy), in position order,
+//! so no reader ever sees an event that a crash could take back.
+//!
+//! An I/O error while writing leaves the store failed: appends waiting on it and every later
+//! append get the error, because what reached the disk is no longer known. Reopening recovers.
+
+use crate::eventlog::{self, LogError, LogWriter, StoredEvent};
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// When an append waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// Each append writes and syncs its own record.
+    Always,
+    /// Appends that arrive together share one sync.
+    Group,
+    /// Appends are written to the operating system but not synced: a machine crash can lose
+    /// the latest ones (never corrupt the log).
+    Never,
+}
+
+impl Fsync {
+    pub fn parse(name: &str) -> Option<Fsync> {
+        match name {
+            "always" => Some(Fsync::Always),
+            "group" => Some(Fsync::Group),
+            "never" => Some(Fsync::Never),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Fsync::Always => "always",
+            Fsync::Group => "group",
+            Fsync::Never => "never",
+        }
+    }
+}
+
+/// What the caller expects of a stream before its append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expected {
+    Any,
+    NoStream,
+    StreamExists,
+    /// The version of the stream's last event (the first event has version 0).
+    Exact(u64),
+}
+
+impl std::fmt::Display for Expected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Expected::Any => f.write_str("any"),
+            Expected::NoStream => f.write_str("no_stream"),
+            Expected::StreamExists => f.write_str("stream_exists"),
+            Expected::Exact(version) => write!(f, "{version}"),
+        }
+    }
+}
+
+/// An event to append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub id: [u8; 16],
+    pub event_type: Arc<str>,
+    pub data: Vec<u8>,
+    pub metadata: Vec<u8>,
+}
+
+/// One stream's part of an append.
+#[derive(Debug, Clone)]
+pub struct AppendRequest {
+    pub stream: Arc<str>,
+    pub expected: Expected,
+    pub events: Vec<NewEvent>,
+}
+
+/// Where one stream's events went: the version of its last event and that event's position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub version: u64,
+    pub position: u64,
+}
+
+#[derive(Debug)]
+pub enum StoreError {
+    WrongExpectedVersion {
+        stream: Arc<str>,
+        expected: Expected,
+        /// The stream's last version, or None when it has no events.
+        actual: Option<u64>,
+    },
+    /// Some event ids of an append were already stored, others not, or not as that append.
+    DuplicateEvent {
+        id: [u8; 16],
+        reason: String,
+    },
+    Invalid(String),
+    Log(LogError),
+    /// An earlier write failed; the store takes no more appends until reopened.
+    Failed(String),
+    Closed,
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::WrongExpectedVersion {
+                stream,
+                expected,
+                actual,
+            } => {
+                let actual = actual.map_or("no stream".to_owned(), |v| v.to_string());
+                write!(
+                    f,
+                    "stream '{stream}': expected version {expected}, actual {actual}"
+                )
+            }
+            StoreError::DuplicateEvent { reason, .. } => f.write_str(reason),
+            StoreError::Invalid(message) | StoreError::Failed(message) => f.write_str(message),
+            StoreError::Log(error) => write!(f, "{error}"),
+            StoreError::Closed => f.write_str("the event store is closed"),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The largest append, encoded; bigger ones are refused before anything is stored.
+pub const MAX_APPEND_BYTES: usize = 256 << 20;
+
+struct Pending {
+    first: u64,
+    end: u64,
+    bytes: Vec<u8>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Every event given a position, the not-yet-durable ones at the end.
+    events: Vec<Arc<StoredEvent>>,
+    /// Positions below this are durable and visible to readers.
+    visible: u64,
+    streams: HashMap<Arc<str>, Vec<u64>>,
+    ids: HashMap<[u8; 16], u64>,
+    types: eventlog::Interner,
+    pending: VecDeque<Pending>,
+    failed: Option<String>,
+    closed: bool,
+    /// Called once when events past their position become visible (or the store closes or
+    /// fails): how asyncio subscribers learn of new events without a thread each.
+    watchers: Vec<(u64, Watcher)>,
+}
+
+/// A one-shot callback; see [`EventStore::watch`].
+pub type Watcher = Box<dyn FnOnce() + Send>;
+
+impl State {
+    /// The watchers that are due, taken out to be called once the lock is released.
+    fn due_watchers(&mut self) -> Vec<Watcher> {
+        if self.watchers.is_empty() {
+            return Vec::new();
+        }
+        let everyone = self.closed || self.failed.is_some();
+        let visible = self.visible;
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.watchers)
+            .into_iter()
+            .partition(|(after, _)| everyone || visible > *after);
+        self.watchers = waiting;
+        due.into_iter().map(|(_, watcher)| watcher).collect()
+    }
+}
+
+fn call_all(watchers: Vec<Watcher>) {
+    for watcher in watchers {
+        watcher();
+    }
+}
+
+pub struct EventStore {
+    state: Mutex<State>,
+    /// Signalled whenever `visible` advances, the store fails or it closes.
+    committed: Condvar,
+    writer: Mutex<Option<LogWriter>>,
+    fsync: Option<Fsync>,
+    /// Bytes cut from a torn tail when the log was opened.
+    pub truncated_bytes: u64,
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_micros() as i64)
+}
+
+impl EventStore {
+    /// A store that lives in memory only.
+    pub fn in_memory() -> EventStore {
+        EventStore {
+            state: Mutex::new(State::default()),
+            committed: Condvar::new(),
+            writer: Mutex::new(None),
+            fsync: None,
+            truncated_bytes: 0,
+        }
+    }
+
+    /// Opens (or creates) the durable store in `dir`.
+    pub fn open(dir: &Path, fsync: Fsync, max_segment: u64) -> StoreResult<EventStore> {
+        let (writer, recovered) = LogWriter::open(dir, max_segment).map_err(StoreError::Log)?;
+        let mut state = State::default();
+        for event in recovered.events {
+            let event = Arc::new(event);
+            state
+                .streams
+                .entry(event.stream.clone())
+                .or_default()
+                .push(event.position);
+            state.ids.insert(event.id, event.position);
+            state.events.push(event);
+        }
+        state.visible = state.events.len() as u64;
+        Ok(EventStore {
+            state: Mutex::new(state),
+            committed: Condvar::new(),
+            writer: Mutex::new(Some(writer)),
+            fsync: Some(fsync),
+            truncated_bytes: recovered.truncated_bytes,
+        })
+    }
+
+    pub fn is_durable(&self) -> bool {
+        self.fsync.is_some()
+    }
+
+    pub fn fsync(&self) -> Option<Fsync> {
+        self.fsync
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while the lock is held cannot leave the state half-updated in a way later
+        // calls would trust: appends mutate it only after every check has passed.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Appends atomically: every request's events, or (on any error) none of them.
+    pub fn append(&self, requests: Vec<AppendRequest>) -> StoreResult<Vec<Appended>> {
+        let (results, end) = self.stage(requests)?;
+        self.wait_durable(end)?;
+        Ok(results)
+    }
+
+    /// Checks, places and queues an append; returns its results and the position after it.
+    fn stage(&self, requests: Vec<AppendRequest>) -> StoreResult<(Vec<Appended>, u64)> {
+        if requests.is_empty() {
+            return Err(StoreError::Invalid(
+                "An append needs at least one stream.".to_owned(),
+            ));
+        }
+        let mut state = self.lock();
+        if state.closed {
+            return Err(StoreError::Closed);
+        }
+        if let Some(reason) = &state.failed {
+            return Err(StoreError::Failed(reason.clone()));
+        }
+        if let Some(replayed) = replay(&state, &requests)? {
+            let end = replayed.iter().map(|r| r.position + 1).max().unwrap_or(0);
+            return Ok((replayed, end));
+        }
+        let mut seen_streams = std::collections::HashSet::new();
+        let mut seen_ids = std::collections::HashSet::new();
+        for request in &requests {
+            if !seen_streams.insert(request.stream.clone()) {
+                return Err(StoreError::Invalid(format!(
+                    "Stream '{}' appears twice in one append; put its events in one request.",
+                    request.stream
+                )));
+            }
+            if request.events.is_empty() {
+                return Err(StoreError::Invalid(format!(
+                    "Stream '{}' has no events in this append; give it at least one.",
+                    request.stream
+                )));
+            }
+            for event in &request.events {
+                if !seen_ids.insert(event.id) {
+                    return Err(StoreError::DuplicateEvent {
+                        id: event.id,
+                        reason: "The same event id appears twice in one append.".to_owned(),
+                    });
+                }
+                if state.ids.contains_key(&event.id) {
+                    return Err(StoreError::DuplicateEvent {
+                        id: event.id,
+                        reason: "An event with this id is already stored, by a different \
+                                 append; event ids must be unique."
+                            .to_owned(),
+                    });
+                }
+            }
+            let actual = state
+                .streams
+                .get(&request.stream)
+                .and_then(|positions| positions.len().checked_sub(1))
+                .map(|last| last as u64);
+            let matches = match request.expected {
+                Expected::Any => true,
+                Expected::NoStream => actual.is_none(),
+                Expected::StreamExists => actual.is_some(),
+                Expected::Exact(version) => actual == Some(version),
+            };
+            if !matches {
+                return Err(StoreError::WrongExpectedVersion {
+                    stream: request.stream.clone(),
+                    expected: request.expected,
+                    actual,
+                });
+            }
+        }
+        if self.fsync.is_some() {
+            let size: usize = requests
+                .iter()
+                .flat_map(|r| r.events.iter().map(move |e| (r, e)))
+                .map(|(r, e)| {
+                    48 + r.stream.len() + e.event_type.len() + e.data.len() + e.metadata.len()
+                })
+                .sum();
+            if size > MAX_APPEND_BYTES {
+                return Err(StoreError::Invalid(format!(
+                    "The append is larger than {} MiB; split it into smaller appends.",
+                    MAX_APPEND_BYTES >> 20
+                )));
+            }
+        }
+        // Every check passed: nothing below fails, so the state never holds half an append.
+        let timestamp_us = now_us();
+        let first = state.events.len() as u64;
+        let mut position = first;
+        let mut placed = Vec::new();
+        let mut results = Vec::with_capacity(requests.len());
+        for request in requests {
+            // The stream's existing name, so all its events share one string.
+            let (stream, start_version) = match state.streams.get_key_value(&request.stream) {
+                Some((name, positions)) => (name.clone(), positions.len() as u64),
+                None => (request.stream, 0),
+            };
+            let mut version = start_version;
+            for event in request.events {
+                let event_type = state.types.intern(&event.event_type);
+                placed.push(Arc::new(StoredEvent {
+                    position,
+                    stream: stream.clone(),
+                    version,
+                    id: event.id,
+                    event_type,
+                    data: event.data,
+                    metadata: event.metadata,
+                    timestamp_us,
+                }));
+                position += 1;
+                version += 1;
+            }
+            results.push(Appended {
+                version: version - 1,
+                position: position - 1,
+            });
+        }
+        if self.fsync.is_some() {
+            let mut bytes = Vec::with_capacity(eventlog::record_size(&placed));
+            eventlog::encode_record(&placed, &mut bytes);
+            state.pending.push_back(Pending {
+                first,
+                end: position,
+                bytes,
+            });
+        }
+        for event in placed {
+            state
+                .streams
+                .entry(event.stream.clone())
+                .or_default()
+                .push(event.position);
+            state.ids.insert(event.id, event.position);
+            state.events.push(event);
+        }
+        if self.fsync.is_none() {
+            state.visible = position;
+            let due = state.due_watchers();
+            drop(state);
+            self.committed.notify_all();
+            call_all(due);
+        }
+        Ok((results, position))
+    }
+
+    /// Waits until every position below `end` is durable, writing the queued records itself
+    /// when no other appender is.
+    fn wait_durable(&self, end: u64) -> StoreResult<()> {
+        let Some(fsync) = self.fsync else {
+            return Ok(());
+        };
+        loop {
+            {
+                let state = self.lock();
+                if state.visible >= end {
+                    return Ok(());
+                }
+                if let Some(reason) = &state.failed {
+                    return Err(StoreError::Failed(reason.clone()));
+                }
+            }
+            let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let (first, batch_end, bytes) = {
+                let mut state = self.lock();
+                if state.visible >= end {
+                    return Ok(());
+                }
+                if let Some(reason) = &state.failed {
+                    return Err(StoreError::Failed(reason.clone()));
+                }
+                let Some(head) = state.pending.pop_front() else {
+                    // Closed under us; the records were flushed by close().
+                    continue;
+                };
+                let (first, mut batch_end, mut bytes) = (head.first, head.end, head.bytes);
+                if fsync != Fsync::Always {
+                    while let Some(next) = state.pending.pop_front() {
+                        bytes.extend_from_slice(&next.bytes);
+                        batch_end = next.end;
+                    }
+                }
+                (first, batch_end, bytes)
+            };
+            let Some(log) = writer.as_mut() else {
+                return Err(StoreError::Closed);
+            };
+            let written = log.write(first, &bytes, fsync != Fsync::Never);
+            // Still holding the writer: whoever takes it next sees this batch visible.
+            let mut state = self.lock();
+            match written {
+                Ok(()) => state.visible = batch_end,
+                Err(error) => {
+                    let reason = format!(
+                        "The event store failed to write its log and takes no more appends; \
+                         reopen it to recover what reached the disk ({error})."
+                    );
+                    state.failed = Some(reason);
+                }
+            }
+            let due = state.due_watchers();
+            drop(state);
+            drop(writer);
+            self.committed.notify_all();
+            call_all(due);
+        }
+    }
+
+    /// The events of a stream from `from_version` (forwards) or down from it (backwards).
+    pub fn read_stream(
+        &self,
+        stream: &str,
+        from_version: Option<u64>,
+        backwards: bool,
+        limit: usize,
+    ) -> Vec<Arc<StoredEvent>> {
+        let state = self.lock();
+        let Some(positions) = state.streams.get(stream) else {
+            return Vec::new();
+        };
+        let visible = positions.partition_point(|&p| p < state.visible);
+        let positions = &positions[..visible];
+        let pick = |&p: &u64| state.events[p as usize].clone();
+        if backwards {
+            let top = match from_version {
+                None => positions.len(),
+                Some(v) => (v as usize).saturating_add(1).min(positions.len()),
+            };
+            positions[..top]
+                .iter()
+                .rev()
+                .take(limit)
+                .map(pick)
+                .collect()
+        } else {
+            let start = from_version.unwrap_or(0).min(positions.len() as u64) as usize;
+            positions[start..].iter().take(limit).map(pick).collect()
+        }
+    }
+
+    /// The events of every stream in global order from `from_position`.
+    pub fn read_all(&self, from_position: u64, limit: usize) -> Vec<Arc<StoredEvent>> {
+        let state = self.lock();
+        let start = from_position.min(state.visible) as usize;
+        let end = state.visible as usize;
+        state.events[start..end]
+            .iter()
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// Up to `limit` visible events from `from_position` that pass `filter`, and the position
+    /// to continue from; waits up to `timeout` for one when there is none yet.
+    pub fn poll(
+        &self,
+        from_position: u64,
+        limit: usize,
+        timeout: Option<Duration>,
+        filter: &dyn Fn(&StoredEvent) -> bool,
+    ) -> StoreResult<(Vec<Arc<StoredEvent>>, u64)> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut state = self.lock();
+        let mut next = from_position;
+        loop {
+            let mut found = Vec::new();
+            let end = state.visible;
+            while next < end && found.len() < limit {
+                let event = &state.events[next as usize];
+                if filter(event) {
+                    found.push(event.clone());
+                }
+                next += 1;
+            }
+            if !found.is_empty() || state.closed {
+                return Ok((found, next));
+            }
+            if let Some(reason) = &state.failed {
+                return Err(StoreError::Failed(reason.clone()));
+            }
+            let wait = match deadline {
+                None => Duration::from_secs(3600),
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Ok((found, next));
+                    }
+                    deadline - now
+                }
+            };
+            state = self
+                .committed
+                .wait_timeout(state, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// The version of a stream's last visible event, or None.
+    pub fn stream_version(&self, stream: &str) -> Option<u64> {
+        let state = self.lock();
+        let positions = state.streams.get(stream)?;
+        let visible = positions.partition_point(|&p| p < state.visible);
+        (visible as u64).checked_sub(1)
+    }
+
+    /// The streams that have visible events, in no particular order.
+    pub fn streams(&self) -> Vec<Arc<str>> {
+        let state = self.lock();
+        state
+            .streams
+            .iter()
+            .filter(|(_, positions)| positions.first().is_some_and(|&p| p < state.visible))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Calls `watcher` once an event at a position past `after` is visible, or the store
+    /// closes or fails: at once (here) if that is already so, else from the appender that
+    /// makes it so, after the store's locks are released.
+    pub fn watch(&self, after: u64, watcher: Watcher) {
+        let mut state = self.lock();
+        if state.visible > after || state.closed || state.failed.is_some() {
+            drop(state);
+            watcher();
+        } else {
+            state.watchers.push((after, watcher));
+        }
+    }
+
+    /// Whether `close` was called.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// The position the next appended event will get (= how many events are visible).
+    pub fn head(&self) -> u64 {
+        self.lock().visible
+    }
+
+    /// Writes what is queued, syncs, and refuses further appends; waiters get their answer.
+    pub fn close(&self) -> StoreResult<()> {
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.lock();
+        if state.closed {
+            return Ok(());
+        }
+        state.closed = true;
+        let mut result = Ok(());
+        if let Some(log) = writer.as_mut() {
+            if state.failed.is_none() {
+                while let Some(pending) = state.pending.pop_front() {
+                    if let Err(error) = log.write(pending.first, &pending.bytes, false) {
+                        state.failed = Some(format!("The log failed while closing: {error}"));
+                        break;
+                    }
+                    state.visible = pending.end;
+                }
+                if state.failed.is_none() {
+                    if let Err(error) = log.sync() {
+                        state.failed = Some(format!("The log failed while closing: {error}"));
+                    }
+                }
+            }
+            if let Some(reason) = &state.failed {
+                result = Err(StoreError::Failed(reason.clone()));
+            }
+        }
+        *writer = None;
+        let due = state.due_watchers();
+        drop(state);
+        drop(writer);
+        self.committed.notify_all();
+        call_all(due);
+        result
+    }
+}
+
+/// When every request's events are already stored as that same append, its original results.
+fn replay(state: &State, requests: &[AppendRequest]) -> StoreResult<Option<Vec<Appended>>> {
+    let mut results = Vec::with_capacity(requests.len());
+    let mut stored = 0usize;
+    let mut total = 0usize;
+    for request in requests {
+        total += request.events.len();
+        let found: Vec<Option<u64>> = request
+            .events
+            .iter()
+            .map(|event| state.ids.get(&event.id).copied())
+            .collect();
+        let known = found.iter().filter(|p| p.is_some()).count();
+        stored += known;
+        if known == 0 {
+            continue;
+        }
+        // Stored as this request: the same ids, in order, consecutive in this stream.
+        let mut last = None;
+        for (event, position) in request.events.iter().zip(&found) {
+            let Some(position) = *position else {
+                return Err(partial(event.id));
+            };
+            let recorded = &state.events[position as usize];
+            if recorded.stream != request.stream
+                || last.is_some_and(|(_, v): (u64, u64)| recorded.version != v + 1)
+            {
+                return Err(partial(event.id));
+            }
+            last = Some((position, recorded.version));
+        }
+        let (position, version) = last.expect("known > 0");
+        results.push(Appended { version, position });
+    }
+    if stored == 0 {
+        return Ok(None);
+    }
+    if stored != total {
+        let id = requests
+            .iter()
+            .flat_map(|r| &r.events)
+            .find(|e| state.ids.contains_key(&e.id))
+            .map_or([0; 16], |e| e.id);
+        return Err(partial(id));
+    }
+    Ok(Some(results))
+}
+
+fn partial(id: [u8; 16]) -> StoreError {
+    StoreError::DuplicateEvent {
+        id,
+        reason: "Some of this append's event ids are already stored, but not as this same \
+                 append (other ids, another stream or another order); a retried append must \
+                 repeat the original exactly."
+            .to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_event(n: u8) -> NewEvent {
+        NewEvent {
+            id: [n; 16],
+            event_type: Arc::from("Happened"),
+            data: vec![n],
+            metadata: Vec::new(),
+        }
+    }
+
+    fn request(stream: &str, expected: Expected, ids: &[u8]) -> AppendRequest {
+        AppendRequest {
+            stream: Arc::from(stream),
+            expected,
+            events: ids.iter().map(|&n| new_event(n)).collect(),
+        }
+    }
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "buttress-store-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn expected_versions_are_enforced() {
+        let store = EventStore::in_memory();
+        let first = store
+            .append(vec![request("a", Expected::NoStream, &[1, 2])])
+            .unwrap();
+        assert_eq!(
+            first,
+            vec![Appended {
+                version: 1,
+                position: 1
+            }]
+        );
+        for expected in [Expected::NoStream, Expected::Exact(0), Expected::Exact(5)] {
+            match store.append(vec![request("a", expected, &[3])]) {
+                Err(StoreError::WrongExpectedVersion { actual, .. }) => assert_eq!(actual, Some(1)),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(
+            store.append(vec![request("b", Expected::StreamExists, &[3])]),
+            Err(StoreError::WrongExpectedVersion { actual: None, .. })
+        ));
+        store
+            .append(vec![request("a", Expected::Exact(1), &[3])])
+            .unwrap();
+        store
+            .append(vec![request("a", Expected::StreamExists, &[4])])
+            .unwrap();
+        store
+            .append(vec![request("a", Expected::Any, &[5])])
+            .unwrap();
+        assert_eq!(store.stream_version("a"), Some(4));
+        assert_eq!(store.head(), 5);
+    }
+
+    #[test]
+    fn a_retried_append_returns_the_original_result() {
+        let store = EventStore::in_memory();
+        let original = store
+            .append(vec![request("a", Expected::NoStream, &[1, 2])])
+            .unwrap();
+        store
+            .append(vec![request("a", Expected::Any, &[3])])
+            .unwrap();
+        let again = store
+            .append(vec![request("a", Expected::NoStream, &[1, 2])])
+            .unwrap();
+        assert_eq!(again, original);
+        assert_eq!(store.head(), 3);
+        // Part of it again, or in another stream, is refused.
+        assert!(matches!(
+            store.append(vec![request("a", Expected::Any, &[2, 9])]),
+            Err(StoreError::DuplicateEvent { .. })
+        ));
+        assert!(matches!(
+            store.append(vec![request("b", Expected::Any, &[1, 2])]),
+            Err(StoreError::DuplicateEvent { .. })
+        ));
+        assert!(matches!(
+            store.append(vec![request("a", Expected::Any, &[2, 1])]),
+            Err(StoreError::DuplicateEvent { .. })
+        ));
+        assert_eq!(store.head(), 3);
+    }
+
+    #[test]
+    fn multi_stream_appends_are_all_or_nothing() {
+        let store = EventStore::in_memory();
+        store
+            .append(vec![request("a", Expected::Any, &[1])])
+            .unwrap();
+        let refused = store.append(vec![
+            request("b", Expected::NoStream, &[2]),
+            request("a", Expected::NoStream, &[3]),
+        ]);
+        assert!(refused.is_err());
+        assert_eq!(store.head(), 1);
+        assert_eq!(store.stream_version("b"), None);
+        let done = store
+            .append(vec![
+                request("b", Expected::NoStream, &[2]),
+                request("a", Expected::Exact(0), &[3, 4]),
+            ])
+            .unwrap();
+        assert_eq!(
+            done,
+            vec![
+                Appended {
+                    version: 0,
+                    position: 1
+                },
+                Appended {
+                    version: 2,
+                    position: 3
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn reads_go_forwards_and_backwards() {
+        let store = EventStore::in_memory();
+        for n in 0..10u8 {
+            let stream = if n % 2 == 0 { "even" } else { "odd" };
+            store
+                .append(vec![request(stream, Expected::Any, &[n + 1])])
+                .unwrap();
+        }
+        let versions = |events: Vec<Arc<StoredEvent>>| -> Vec<u64> {
+            events.iter().map(|e| e.version).collect()
+        };
+        assert_eq!(
+            versions(store.read_stream("even", None, false, 100)),
+            [0, 1, 2, 3, 4]
+        );
+        assert_eq!(
+            versions(store.read_stream("even", Some(3), false, 100)),
+            [3, 4]
+        );
+        assert_eq!(versions(store.read_stream("even", None, true, 2)), [4, 3]);
+        assert_eq!(
+            versions(store.read_stream("even", Some(1), true, 100)),
+            [1, 0]
+        );
+        assert_eq!(versions(store.read_stream("even", Some(99), true, 1)), [4]);
+        assert!(store.read_stream("none", None, false, 100).is_empty());
+        let all: Vec<u64> = store.read_all(7, 100).iter().map(|e| e.position).collect();
+        assert_eq!(all, [7, 8, 9]);
+    }
+
+    #[test]
+    fn a_durable_store_reopens_with_everything_acknowledged() {
+        for fsync in [Fsync::Always, Fsync::Group, Fsync::Never] {
+            let dir = temp_dir(fsync.name());
+            {
+                let store = EventStore::open(&dir, fsync, 256).unwrap();
+                for n in 0..50u8 {
+                    let expected = match n {
+                        0 => Expected::NoStream,
+                        n => Expected::Exact(u64::from(n) - 1),
+                    };
+                    store
+                        .append(vec![request("s", expected, &[n + 1])])
+                        .unwrap();
+                }
+                store.close().unwrap();
+                assert!(matches!(
+                    store.append(vec![request("s", Expected::Any, &[200])]),
+                    Err(StoreError::Closed)
+                ));
+            }
+            let store = EventStore::open(&dir, fsync, 256).unwrap();
+            assert_eq!(store.head(), 50);
+            assert_eq!(store.stream_version("s"), Some(49));
+            let again = store
+                .append(vec![request("s", Expected::Any, &[10])])
+                .unwrap();
+            assert_eq!(
+                again,
+                vec![Appended {
+                    version: 9,
+                    position: 9
+                }],
+                "ids survive reopening"
+            );
+            drop(store);
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn threads_share_syncs_and_lose_nothing() {
+        let dir = temp_dir("threads");
+        let store = Arc::new(EventStore::open(&dir, Fsync::Group, 1 << 20).unwrap());
+        let threads: Vec<_> = (0..4u8)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for n in 0..50u8 {
+                        let mut id = [t; 16];
+                        id[1] = n;
+                        let stream = format!("t{t}");
+                        let expected = if n == 0 {
+                            Expected::NoStream
+                        } else {
+                            Expected::Exact(u64::from(n) - 1)
+                        };
+                        store
+                            .append(vec![AppendRequest {
+                                stream: Arc::from(stream.as_str()),
+                                expected,
+                                events: vec![NewEvent {
+                                    id,
+                                    event_type: Arc::from("T"),
+                                    data: vec![n],
+                                    metadata: vec![],
+                                }],
+                            }])
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(store.head(), 200);
+        store.close().unwrap();
+        drop(store);
+        let store = EventStore::open(&dir, Fsync::Group, 1 << 20).unwrap();
+        for t in 0..4 {
+            let events = store.read_stream(&format!("t{t}"), None, false, 1000);
+            let data: Vec<u8> = events.iter().map(|e| e.data[0]).collect();
+            assert_eq!(data, (0..50).collect::<Vec<u8>>());
+        }
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn poll_waits_for_new_events_and_filters() {
+        let store = Arc::new(EventStore::in_memory());
+        let waiter = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                store
+                    .poll(0, 10, Some(Duration::from_secs(10)), &|e| &*e.stream == "b")
+                    .unwrap()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        store
+            .append(vec![request("a", Expected::Any, &[1])])
+            .unwrap();
+        store
+            .append(vec![request("b", Expected::Any, &[2])])
+            .unwrap();
+        let (found, next) = waiter.join().unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(&*found[0].stream, "b");
+        assert_eq!(next, 2);
+        let (none, next) = store
+            .poll(2, 10, Some(Duration::from_millis(10)), &|_| true)
+            .unwrap();
+        assert!(none.is_empty());
+        assert_eq!(next, 2);
+    }
+}
