@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -167,3 +168,63 @@ def interleave(group: str, cases: list[Case]) -> list[Result]:
             )
         )
     return results
+
+
+class Crowd:
+    """`threads` threads that each run `cycle` `cycles` times when run() tells them to, all
+    together; run() returns when the last one is done, so its time is the batch's wall time.
+
+    The threads live as long as the case and wait between batches, so a batch's time holds no
+    thread start. stop() ends them (the verify functions call it).
+    """
+
+    def __init__(
+        self, cycle: Callable[[], object], cycles: int, threads: int, timeout: float = 60.0
+    ) -> None:
+        self._cycle = cycle
+        self._cycles = cycles
+        self._threads_count = threads
+        self._timeout = timeout
+        self._start = threading.Barrier(threads + 1, timeout=timeout)
+        self._end = threading.Barrier(threads + 1, timeout=timeout)
+        self._stopping = False
+        self._errors: list[BaseException] = []
+        self.batches = 0
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"bench-crowd-{n}", daemon=True)
+            for n in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def cycles(self) -> int:
+        return self.batches * self._threads_count * self._cycles
+
+    def _serve(self) -> None:
+        cycles = range(self._cycles)
+        cycle = self._cycle
+        while True:
+            self._start.wait()
+            if self._stopping:
+                return
+            try:
+                for _ in cycles:
+                    cycle()
+            except BaseException as error:
+                self._errors.append(error)
+            self._end.wait()
+
+    def run(self) -> int:
+        self._start.wait()
+        self._end.wait()
+        if self._errors:
+            raise self._errors[0]
+        self.batches += 1
+        return self._threads_count * self._cycles
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._start.wait()
+        for thread in self._threads:
+            thread.join(self._timeout)

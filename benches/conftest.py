@@ -154,6 +154,42 @@ TARGETS = (
         50.0,
         "time",
     ),
+    Target(
+        "event append, one event: buttress >= 25x faster than eventsourcing's in-memory save()",
+        "events-append-one",
+        ("trigger + Repository.save (in memory)",),
+        "eventsourcing",
+        ("method + Application.save (in memory)",),
+        25.0,
+        "time",
+    ),
+    Target(
+        "event append, 100 events: buttress >= 50x faster than eventsourcing's in-memory save()",
+        "events-append-batch",
+        ("100 triggers + one save (in memory)",),
+        "eventsourcing",
+        ("100 methods + one save (in memory)",),
+        50.0,
+        "time",
+    ),
+    Target(
+        "rebuild of 1,000 events: buttress >= 15x faster than eventsourcing",
+        "events-rebuild",
+        ("Repository.get, 1000 events (in memory)",),
+        "eventsourcing",
+        ("repository.get, 1000 events (in memory)",),
+        15.0,
+        "time",
+    ),
+    Target(
+        "durable appends: group commit with 4 threads >= 5x the throughput of a sync per append",
+        "events-durable",
+        ('group commit, 4 threads (fsync="group")',),
+        "fsync-per-append",
+        ('1 thread, fsync="always"', '4 threads, fsync="always"'),
+        5.0,
+        "time",
+    ),
 )
 
 

@@ -11,6 +11,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+import _harness
 import buttress
 import psycopg
 import psycopg_pool
@@ -384,63 +385,14 @@ def _yield() -> None:
     time.sleep(0)
 
 
-class Crowd:
-    """THREADS threads that each run `cycle` `cycles` times when run() tells them to, all
-    together; run() returns when the last one is done, so its time is the batch's wall time.
-
-    The threads live as long as the case and wait between batches, so a batch's time holds no
-    thread start. stop() ends them (the verify functions call it).
-    """
-
-    def __init__(self, cycle: Callable[[], object], cycles: int) -> None:
-        self._cycle = cycle
-        self._cycles = cycles
-        self._start = threading.Barrier(THREADS + 1, timeout=BATCH_TIMEOUT)
-        self._end = threading.Barrier(THREADS + 1, timeout=BATCH_TIMEOUT)
-        self._stopping = False
-        self._errors: list[BaseException] = []
-        self.batches = 0
-        self._threads = [
-            threading.Thread(target=self._serve, name=f"bench-crowd-{n}", daemon=True)
-            for n in range(THREADS)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    @property
-    def cycles(self) -> int:
-        return self.batches * THREADS * self._cycles
-
-    def _serve(self) -> None:
-        cycles = range(self._cycles)
-        cycle = self._cycle
-        while True:
-            self._start.wait()
-            if self._stopping:
-                return
-            try:
-                for _ in cycles:
-                    cycle()
-            except BaseException as error:
-                self._errors.append(error)
-            self._end.wait()
-
-    def run(self) -> int:
-        self._start.wait()
-        self._end.wait()
-        if self._errors:
-            raise self._errors[0]
-        self.batches += 1
-        return THREADS * self._cycles
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._start.wait()
-        for thread in self._threads:
-            thread.join(BATCH_TIMEOUT)
+def _crowd(cycle: Callable[[], object], cycles: int) -> _harness.Crowd:
+    """THREADS threads doing `cycles` cycles each per run() (see _harness.Crowd)."""
+    return _harness.Crowd(cycle, cycles, THREADS, BATCH_TIMEOUT)
 
 
-def _crowd_verify(crowd: Crowd, fakes: Fakes, pool_verify: Callable[[], str]) -> Callable[[], str]:
+def _crowd_verify(
+    crowd: _harness.Crowd, fakes: Fakes, pool_verify: Callable[[], str]
+) -> Callable[[], str]:
     def verify() -> str:
         crowd.stop()
         assert crowd.batches > 0
@@ -465,7 +417,7 @@ def _contended_cases(
                 conn = own.conn = fakes.connect()
             conn.hold(pause)
 
-        crowd = Crowd(one, cycles)
+        crowd = _crowd(one, cycles)
 
         def verify() -> str:
             crowd.stop()
@@ -486,7 +438,7 @@ def _contended_cases(
             finally:
                 pool.release(conn)
 
-        crowd = Crowd(one, cycles)
+        crowd = _crowd(one, cycles)
         return crowd.run, _crowd_verify(crowd, fakes, _buttress_balanced(pool, fakes, SLOTS))
 
     @add(BUTTRESS, "with connection()")
@@ -498,7 +450,7 @@ def _contended_cases(
             with pool.connection() as conn:
                 conn.hold(pause)
 
-        crowd = Crowd(one, cycles)
+        crowd = _crowd(one, cycles)
         return crowd.run, _crowd_verify(crowd, fakes, _buttress_balanced(pool, fakes, SLOTS))
 
     @add(PSYCOPG_POOL, "getconn() + putconn()")
@@ -513,7 +465,7 @@ def _contended_cases(
             finally:
                 pool.putconn(conn)
 
-        crowd = Crowd(one, cycles)
+        crowd = _crowd(one, cycles)
         return crowd.run, _crowd_verify(crowd, fakes, _psycopg_pool_balanced(pool, fakes, SLOTS))
 
     @add(PSYCOPG_POOL, "with connection()")
@@ -525,7 +477,7 @@ def _contended_cases(
             with pool.connection() as conn:
                 conn.hold(pause)
 
-        crowd = Crowd(one, cycles)
+        crowd = _crowd(one, cycles)
         return crowd.run, _crowd_verify(crowd, fakes, _psycopg_pool_balanced(pool, fakes, SLOTS))
 
     @add(SQLALCHEMY, "connect() + close()")
@@ -540,7 +492,7 @@ def _contended_cases(
             finally:
                 proxy.close()
 
-        crowd = Crowd(one, cycles)
+        crowd = _crowd(one, cycles)
         return crowd.run, _crowd_verify(crowd, fakes, _sqlalchemy_balanced(pool, fakes, SLOTS))
 
     @add(DBUTILS, "connection() + close()")
@@ -555,7 +507,7 @@ def _contended_cases(
             finally:
                 proxy.close()
 
-        crowd = Crowd(one, cycles)
+        crowd = _crowd(one, cycles)
         return crowd.run, _crowd_verify(crowd, fakes, _dbutils_balanced(pool, fakes, SLOTS))
 
 

@@ -12,8 +12,13 @@
 //! append get the error, because what reached the disk is no longer known. Reopening recovers.
 
 use crate::eventlog::{self, LogError, LogWriter, StoredEvent};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+
+// Seeded per process (foldhash), so stream names chosen by users cannot force collisions.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -151,12 +156,17 @@ struct State {
     events: Vec<Arc<StoredEvent>>,
     /// Positions below this are durable and visible to readers.
     visible: u64,
-    streams: HashMap<Arc<str>, Vec<u64>>,
-    ids: HashMap<[u8; 16], u64>,
+    streams: FastMap<Arc<str>, Vec<u64>>,
+    ids: FastMap<[u8; 16], u64>,
     types: eventlog::Interner,
     pending: VecDeque<Pending>,
     failed: Option<String>,
     closed: bool,
+    /// Records in the last group written, how long its write and sync took, and whether a
+    /// group-commit leader is waiting for more records: see `wait_durable`.
+    last_group: usize,
+    last_sync: Duration,
+    leader_waiting: bool,
     /// Called once when events past their position become visible (or the store closes or
     /// fails): how asyncio subscribers learn of new events without a thread each.
     watchers: Vec<(u64, Watcher)>,
@@ -191,6 +201,11 @@ pub struct EventStore {
     state: Mutex<State>,
     /// Signalled whenever `visible` advances, the store fails or it closes.
     committed: Condvar,
+    /// Signalled when a record is queued while a group-commit leader waits for company.
+    staged: Condvar,
+    /// Appends under way (queued or waiting for their sync): how many records a group commit
+    /// can expect to gather.
+    appending: AtomicUsize,
     writer: Mutex<Option<LogWriter>>,
     fsync: Option<Fsync>,
     /// Bytes cut from a torn tail when the log was opened.
@@ -209,6 +224,8 @@ impl EventStore {
         EventStore {
             state: Mutex::new(State::default()),
             committed: Condvar::new(),
+            staged: Condvar::new(),
+            appending: AtomicUsize::new(0),
             writer: Mutex::new(None),
             fsync: None,
             truncated_bytes: 0,
@@ -233,6 +250,8 @@ impl EventStore {
         Ok(EventStore {
             state: Mutex::new(state),
             committed: Condvar::new(),
+            staged: Condvar::new(),
+            appending: AtomicUsize::new(0),
             writer: Mutex::new(Some(writer)),
             fsync: Some(fsync),
             truncated_bytes: recovered.truncated_bytes,
@@ -257,9 +276,15 @@ impl EventStore {
 
     /// Appends atomically: every request's events, or (on any error) none of them.
     pub fn append(&self, requests: Vec<AppendRequest>) -> StoreResult<Vec<Appended>> {
-        let (results, end) = self.stage(requests)?;
-        self.wait_durable(end)?;
-        Ok(results)
+        if self.fsync.is_none() {
+            return self.stage(requests).map(|(results, _)| results);
+        }
+        self.appending.fetch_add(1, Ordering::Relaxed);
+        let outcome = self
+            .stage(requests)
+            .and_then(|(results, end)| self.wait_durable(end).map(|()| results));
+        self.appending.fetch_sub(1, Ordering::Relaxed);
+        outcome
     }
 
     /// Checks, places and queues an append; returns its results and the position after it.
@@ -276,14 +301,21 @@ impl EventStore {
         if let Some(reason) = &state.failed {
             return Err(StoreError::Failed(reason.clone()));
         }
-        if let Some(replayed) = replay(&state, &requests)? {
+        let known = requests
+            .iter()
+            .flat_map(|request| &request.events)
+            .any(|event| state.ids.contains_key(&event.id));
+        if known {
+            // A retry returns what the original got; any other reuse of an id is refused.
+            let replayed = replay(&state, &requests)?;
             let end = replayed.iter().map(|r| r.position + 1).max().unwrap_or(0);
             return Ok((replayed, end));
         }
-        let mut seen_streams = std::collections::HashSet::new();
-        let mut seen_ids = std::collections::HashSet::new();
-        for request in &requests {
-            if !seen_streams.insert(request.stream.clone()) {
+        // From here no event id of this append is stored yet.
+        let several_events = requests.len() > 1 || requests[0].events.len() > 1;
+        let mut seen_ids = FastSet::default();
+        for (index, request) in requests.iter().enumerate() {
+            if requests[..index].iter().any(|r| r.stream == request.stream) {
                 return Err(StoreError::Invalid(format!(
                     "Stream '{}' appears twice in one append; put its events in one request.",
                     request.stream
@@ -295,20 +327,14 @@ impl EventStore {
                     request.stream
                 )));
             }
-            for event in &request.events {
-                if !seen_ids.insert(event.id) {
-                    return Err(StoreError::DuplicateEvent {
-                        id: event.id,
-                        reason: "The same event id appears twice in one append.".to_owned(),
-                    });
-                }
-                if state.ids.contains_key(&event.id) {
-                    return Err(StoreError::DuplicateEvent {
-                        id: event.id,
-                        reason: "An event with this id is already stored, by a different \
-                                 append; event ids must be unique."
-                            .to_owned(),
-                    });
+            if several_events {
+                for event in &request.events {
+                    if !seen_ids.insert(event.id) {
+                        return Err(StoreError::DuplicateEvent {
+                            id: event.id,
+                            reason: "The same event id appears twice in one append.".to_owned(),
+                        });
+                    }
                 }
             }
             let actual = state
@@ -386,6 +412,9 @@ impl EventStore {
                 end: position,
                 bytes,
             });
+            if state.leader_waiting {
+                self.staged.notify_one();
+            }
         }
         for event in placed {
             state
@@ -423,7 +452,7 @@ impl EventStore {
                 }
             }
             let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-            let (first, batch_end, bytes) = {
+            let (first, batch_end, bytes, records) = {
                 let mut state = self.lock();
                 if state.visible >= end {
                     return Ok(());
@@ -431,6 +460,10 @@ impl EventStore {
                 if let Some(reason) = &state.failed {
                     return Err(StoreError::Failed(reason.clone()));
                 }
+                if fsync == Fsync::Group {
+                    state = self.gather(state);
+                }
+                let records = state.pending.len();
                 let Some(head) = state.pending.pop_front() else {
                     // Closed under us; the records were flushed by close().
                     continue;
@@ -442,14 +475,19 @@ impl EventStore {
                         batch_end = next.end;
                     }
                 }
-                (first, batch_end, bytes)
+                let records = if fsync == Fsync::Always { 1 } else { records };
+                (first, batch_end, bytes, records)
             };
             let Some(log) = writer.as_mut() else {
                 return Err(StoreError::Closed);
             };
+            let started = Instant::now();
             let written = log.write(first, &bytes, fsync != Fsync::Never);
+            let took = started.elapsed();
             // Still holding the writer: whoever takes it next sees this batch visible.
             let mut state = self.lock();
+            state.last_group = records;
+            state.last_sync = took;
             match written {
                 Ok(()) => state.visible = batch_end,
                 Err(error) => {
@@ -466,6 +504,35 @@ impl EventStore {
             self.committed.notify_all();
             call_all(due);
         }
+    }
+
+    /// A group-commit leader's short wait for company: when the last group held several
+    /// records, or other appends are under way, the threads that just got their answer are
+    /// about to queue their next records, so waiting a fraction of a sync for them lets one
+    /// sync serve them all. Alone, a leader never waits.
+    fn gather<'a>(&self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        let expected = state
+            .last_group
+            .max(self.appending.load(Ordering::Relaxed))
+            .min(64);
+        if state.pending.len() >= expected {
+            return state;
+        }
+        let deadline = Instant::now() + (state.last_sync / 2).min(Duration::from_millis(2));
+        state.leader_waiting = true;
+        while state.pending.len() < expected && !state.closed {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            state = self
+                .staged
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        state.leader_waiting = false;
+        state
     }
 
     /// The events of a stream from `from_version` (forwards) or down from it (backwards).
@@ -638,8 +705,9 @@ impl EventStore {
     }
 }
 
-/// When every request's events are already stored as that same append, its original results.
-fn replay(state: &State, requests: &[AppendRequest]) -> StoreResult<Option<Vec<Appended>>> {
+/// The original results of an append whose events are all stored already, as that same
+/// append; an error when only some are, or not as this append.
+fn replay(state: &State, requests: &[AppendRequest]) -> StoreResult<Vec<Appended>> {
     let mut results = Vec::with_capacity(requests.len());
     let mut stored = 0usize;
     let mut total = 0usize;
@@ -672,9 +740,6 @@ fn replay(state: &State, requests: &[AppendRequest]) -> StoreResult<Option<Vec<A
         let (position, version) = last.expect("known > 0");
         results.push(Appended { version, position });
     }
-    if stored == 0 {
-        return Ok(None);
-    }
     if stored != total {
         let id = requests
             .iter()
@@ -683,7 +748,7 @@ fn replay(state: &State, requests: &[AppendRequest]) -> StoreResult<Option<Vec<A
             .map_or([0; 16], |e| e.id);
         return Err(partial(id));
     }
-    Ok(Some(results))
+    Ok(results)
 }
 
 fn partial(id: [u8; 16]) -> StoreError {
