@@ -9,6 +9,9 @@ import re
 import buttress
 import buttress.backends.sqlite
 import buttress.errors
+import buttress.events.aggregate
+import buttress.events.cqrs
+import buttress.events.projection
 import buttress.events.store
 import buttress.lazy
 import buttress.pool
@@ -47,6 +50,9 @@ def test_readme_example_runs(index: int, capsys: pytest.CaptureFixture[str]) -> 
         buttress,
         buttress.errors,
         buttress.events.store,
+        buttress.events.aggregate,
+        buttress.events.cqrs,
+        buttress.events.projection,
         buttress.lazy,
         buttress.pool,
         buttress.routing,

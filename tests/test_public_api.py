@@ -13,6 +13,9 @@ from typing import Any
 
 import buttress
 import buttress.errors
+import buttress.events.aggregate
+import buttress.events.cqrs
+import buttress.events.projection
 import buttress.events.store
 import buttress.resilience
 import buttress.resilience._state
@@ -72,6 +75,9 @@ def test_core_all_is_exactly_the_public_names() -> None:
         buttress.resilience._state,
         buttress.routing.sharding,
         buttress.events.store,
+        buttress.events.aggregate,
+        buttress.events.cqrs,
+        buttress.events.projection,
     ],
     ids=lambda module: module.__name__,
 )
@@ -164,6 +170,10 @@ def public_members(kind: str) -> list[tuple[str, Any]]:
             if isinstance(attribute, value):
                 continue  # an enum member
             is_property = inspect.isdatadescriptor(attribute)
+            if not is_property and not callable(attribute) and not isinstance(
+                attribute, (classmethod, staticmethod)
+            ):
+                continue  # a class constant (documented in its class's docstring)
             if is_property == (kind == "property"):
                 members.append((f"{label}.{name}", attribute))
     return members
@@ -220,6 +230,8 @@ def test_every_buttress_exception_is_a_buttress_error() -> None:
         buttress.StoreLockedError,
         buttress.EventStoreFailedError,
         buttress.EventStoreClosedError,
+        buttress.AggregateNotFoundError,
+        buttress.NoHandlerError,
     }
     for exception in exceptions:
         assert issubclass(exception, buttress.ButtressError)

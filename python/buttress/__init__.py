@@ -9,6 +9,7 @@
 from buttress import _core
 from buttress._core import ManualClock
 from buttress.errors import (
+    AggregateNotFoundError,
     BulkheadFullError,
     ButtressError,
     CircuitOpenError,
@@ -17,6 +18,7 @@ from buttress.errors import (
     EventStoreClosedError,
     EventStoreError,
     EventStoreFailedError,
+    NoHandlerError,
     NoHealthyBackendError,
     PoolClosedError,
     PoolError,
@@ -30,7 +32,21 @@ from buttress.errors import (
     StoreLockedError,
     WrongExpectedVersionError,
 )
-from buttress.events import AppendResult, EventStore, NewEvent, RecordedEvent, Subscription
+from buttress.events import (
+    Aggregate,
+    AppendResult,
+    CommandBus,
+    Event,
+    EventStore,
+    NewEvent,
+    Projection,
+    ProjectionRunner,
+    QueryBus,
+    RecordedEvent,
+    Repository,
+    Subscription,
+    applies,
+)
 from buttress.lazy import AsyncLazy, AsyncLazyCollection, Lazy, LazyCollection, lazy_property
 from buttress.pool import ConnectionPool, PoolLease, PoolStats
 from buttress.resilience import (
@@ -55,6 +71,8 @@ from buttress.routing import (
 __version__: str = _core.__version__
 
 __all__ = [
+    "Aggregate",
+    "AggregateNotFoundError",
     "AppendResult",
     "AsyncLazy",
     "AsyncLazyCollection",
@@ -68,9 +86,11 @@ __all__ = [
     "CircuitOpenError",
     "CircuitPermit",
     "CircuitState",
+    "CommandBus",
     "ConnectionPool",
     "DuplicateEventError",
     "EmptyRingError",
+    "Event",
     "EventStore",
     "EventStoreClosedError",
     "EventStoreError",
@@ -81,6 +101,7 @@ __all__ = [
     "LoadBalancer",
     "ManualClock",
     "NewEvent",
+    "NoHandlerError",
     "NoHealthyBackendError",
     "PoolClosedError",
     "PoolError",
@@ -88,10 +109,14 @@ __all__ = [
     "PoolLease",
     "PoolStats",
     "PoolTimeoutError",
+    "Projection",
+    "ProjectionRunner",
+    "QueryBus",
     "QuorumNotReachedError",
     "RebalanceError",
     "RebalancePlan",
     "RecordedEvent",
+    "Repository",
     "ShardMove",
     "ShardPlan",
     "ShardUnavailableError",
@@ -102,6 +127,7 @@ __all__ = [
     "Subscription",
     "WrongExpectedVersionError",
     "__version__",
+    "applies",
     "lazy_property",
     "rebalance_plan",
 ]

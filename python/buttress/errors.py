@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "AggregateNotFoundError",
     "BulkheadFullError",
     "ButtressError",
     "CircuitOpenError",
@@ -11,6 +12,7 @@ __all__ = [
     "EventStoreClosedError",
     "EventStoreError",
     "EventStoreFailedError",
+    "NoHandlerError",
     "NoHealthyBackendError",
     "PoolClosedError",
     "PoolError",
@@ -371,3 +373,26 @@ class EventStoreClosedError(EventStoreError):
 
     def __str__(self) -> str:
         return "The event store is closed."
+
+
+class AggregateNotFoundError(ButtressError, KeyError):
+    """No events (and no snapshot) exist for the aggregate asked for.
+
+    Raised as ``AggregateNotFoundError(aggregate_id, stream)``.
+    """
+
+    def __str__(self) -> str:
+        return f"No aggregate with id {self.args[0]!r} was found in stream {self.args[1]!r}."
+
+
+class NoHandlerError(ButtressError, LookupError):
+    """A command or query bus was given a message of a type no handler is registered for.
+
+    Raised as ``NoHandlerError(bus_kind, message_type_name)``.
+    """
+
+    def __str__(self) -> str:
+        return (
+            f"The {self.args[0]} has no handler for {self.args[1]}; register one with "
+            "register() or the handles() decorator."
+        )

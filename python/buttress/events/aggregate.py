@@ -43,7 +43,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import msgspec
 
 from buttress._core import NewEvent, RecordedEvent
-from buttress.errors import ButtressError
+from buttress.errors import AggregateNotFoundError
 from buttress.events.store import EventStore, ExpectedVersion
 
 __all__ = [
@@ -106,13 +106,6 @@ class _TypeNames(dict[type[Event], str]):
 
 
 _TYPE_NAMES = _TypeNames()
-
-
-class AggregateNotFoundError(ButtressError, KeyError):
-    """No events (and no snapshot) exist for the aggregate asked for."""
-
-    def __str__(self) -> str:
-        return f"No aggregate with id {self.args[0]!r} was found in stream {self.args[1]!r}."
 
 
 class Aggregate:
