@@ -18,7 +18,7 @@ the same state.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -48,17 +48,24 @@ class SqlShardBackend:
     #: The larger of two numbers.
     greatest = "max"
 
-    def __init__(self, pool: ConnectionPool[Any], *, table_prefix: str = "buttress_shard") -> None:
+    def __init__(
+        self, open_pool: Callable[[], ConnectionPool[Any]], *, table_prefix: str = "buttress_shard"
+    ) -> None:
         if not isinstance(table_prefix, str) or not _PREFIX.fullmatch(table_prefix):
             raise ValueError(
                 "table_prefix must be an SQL identifier of letters, digits and underscores, "
                 f"starting with a letter or an underscore (got {table_prefix!r})."
             )
-        self.pool = pool
         self.rows_table = f"{table_prefix}_rows"
         self.hints_table = f"{table_prefix}_hints"
         self.catalog_table = f"{table_prefix}_catalog"
-        self._create_tables()
+        self.pool = open_pool()
+        try:
+            if not self._tables_exist():
+                self._create_tables()
+        except BaseException:
+            self.pool.close()
+            raise
 
     # -- what subclasses provide -------------------------------------------------------------
 
@@ -71,6 +78,17 @@ class SqlShardBackend:
         return statement
 
     # -- schema ------------------------------------------------------------------------------
+
+    def _tables_exist(self) -> bool:
+        # Checked first, so a read-only copy (a hot standby given as a read replica) whose
+        # tables came by replication opens without running DDL, which it would refuse.
+        try:
+            with self.pool.connection() as conn:
+                for table in (self.rows_table, self.hints_table, self.catalog_table):
+                    conn.execute(f"select 1 from {table} limit 0").fetchall()
+        except Exception:
+            return False
+        return True
 
     def _create_tables(self) -> None:
         with self._transaction() as conn:

@@ -131,7 +131,7 @@ class PostgresShardBackend(SqlShardBackend):
         pool_options.setdefault("name", "postgres-shard")
         pool_options.setdefault("min_size", 0)
         super().__init__(
-            postgres_pool(url, autocommit=True, **pool_options), table_prefix=table_prefix
+            lambda: postgres_pool(url, autocommit=True, **pool_options), table_prefix=table_prefix
         )
 
     @contextlib.contextmanager

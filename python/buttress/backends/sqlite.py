@@ -152,7 +152,7 @@ class SQLiteShardBackend(SqlShardBackend):
     ) -> None:
         self.path = os.fspath(path)
         pool_options.setdefault("name", f"shard:{os.path.basename(self.path)}")
-        super().__init__(sqlite_pool(path, **pool_options), table_prefix=table_prefix)
+        super().__init__(lambda: sqlite_pool(path, **pool_options), table_prefix=table_prefix)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[PooledConnection]:

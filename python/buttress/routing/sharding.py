@@ -985,9 +985,18 @@ class _Replicator:
         return shards
 
     def _catch_up(self, shard: int) -> int:
-        """Sends one batch of the shard's owed writes."""
+        """Sends one batch of the shard's owed writes. It holds the shard open as a write
+        does, so a move cannot switch the shard (and drop it from a node it leaves) while
+        this copies to that node."""
         store = self._store
-        members = store._layout[shard]
+        members, _ = store._enter(shard)
+        try:
+            return self._catch_up_members(shard, members)
+        finally:
+            store._leave(shard)
+
+    def _catch_up_members(self, shard: int, members: tuple[str, ...]) -> int:
+        store = self._store
         primary_name, replicas = members[0], members[1:]
         if self._backing_off(primary_name) or (
             replicas and all(self._backing_off(name) for name in replicas)
