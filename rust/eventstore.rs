@@ -167,6 +167,8 @@ struct State {
     last_group: usize,
     last_sync: Duration,
     leader_waiting: bool,
+    /// An appender is writing a group (the others wait on `committed`).
+    leader_active: bool,
     /// Called once when events past their position become visible (or the store closes or
     /// fails): how asyncio subscribers learn of new events without a thread each.
     watchers: Vec<(u64, Watcher)>,
@@ -441,68 +443,74 @@ impl EventStore {
         let Some(fsync) = self.fsync else {
             return Ok(());
         };
+        let mut state = self.lock();
         loop {
-            {
-                let state = self.lock();
-                if state.visible >= end {
-                    return Ok(());
-                }
-                if let Some(reason) = &state.failed {
-                    return Err(StoreError::Failed(reason.clone()));
+            if state.visible >= end {
+                return Ok(());
+            }
+            if let Some(reason) = &state.failed {
+                return Err(StoreError::Failed(reason.clone()));
+            }
+            if state.leader_active || state.closed {
+                // Another appender is writing (or close() is): its write may hold this record.
+                state = self
+                    .committed
+                    .wait(state)
+                    .unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            // This appender leads the next group: it writes what is queued, its own included.
+            state.leader_active = true;
+            if fsync == Fsync::Group {
+                state = self.gather(state);
+            }
+            let mut batch = Vec::new();
+            let mut first = None;
+            let mut batch_end = state.visible;
+            let mut records = 0;
+            while let Some(next) = state.pending.pop_front() {
+                first.get_or_insert(next.first);
+                batch.extend_from_slice(&next.bytes);
+                batch_end = next.end;
+                records += 1;
+                if fsync == Fsync::Always {
+                    break;
                 }
             }
-            let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-            let (first, batch_end, bytes, records) = {
-                let mut state = self.lock();
-                if state.visible >= end {
-                    return Ok(());
+            drop(state);
+            let (written, took) = match first {
+                None => (Ok(()), Duration::ZERO),
+                Some(first) => {
+                    let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+                    let started = Instant::now();
+                    let written = match writer.as_mut() {
+                        Some(log) => log.write(first, &batch, fsync != Fsync::Never),
+                        None => Err(LogError::Io {
+                            path: std::path::PathBuf::new(),
+                            error: std::io::Error::other("the log was closed"),
+                        }),
+                    };
+                    (written, started.elapsed())
                 }
-                if let Some(reason) = &state.failed {
-                    return Err(StoreError::Failed(reason.clone()));
-                }
-                if fsync == Fsync::Group {
-                    state = self.gather(state);
-                }
-                let records = state.pending.len();
-                let Some(head) = state.pending.pop_front() else {
-                    // Closed under us; the records were flushed by close().
-                    continue;
-                };
-                let (first, mut batch_end, mut bytes) = (head.first, head.end, head.bytes);
-                if fsync != Fsync::Always {
-                    while let Some(next) = state.pending.pop_front() {
-                        bytes.extend_from_slice(&next.bytes);
-                        batch_end = next.end;
-                    }
-                }
-                let records = if fsync == Fsync::Always { 1 } else { records };
-                (first, batch_end, bytes, records)
             };
-            let Some(log) = writer.as_mut() else {
-                return Err(StoreError::Closed);
-            };
-            let started = Instant::now();
-            let written = log.write(first, &bytes, fsync != Fsync::Never);
-            let took = started.elapsed();
-            // Still holding the writer: whoever takes it next sees this batch visible.
-            let mut state = self.lock();
+            state = self.lock();
+            state.leader_active = false;
             state.last_group = records;
             state.last_sync = took;
             match written {
-                Ok(()) => state.visible = batch_end,
+                Ok(()) => state.visible = state.visible.max(batch_end),
                 Err(error) => {
-                    let reason = format!(
+                    state.failed = Some(format!(
                         "The event store failed to write its log and takes no more appends; \
                          reopen it to recover what reached the disk ({error})."
-                    );
-                    state.failed = Some(reason);
+                    ));
                 }
             }
             let due = state.due_watchers();
             drop(state);
-            drop(writer);
             self.committed.notify_all();
             call_all(due);
+            state = self.lock();
         }
     }
 
@@ -669,12 +677,22 @@ impl EventStore {
 
     /// Writes what is queued, syncs, and refuses further appends; waiters get their answer.
     pub fn close(&self) -> StoreResult<()> {
-        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let mut state = self.lock();
         if state.closed {
             return Ok(());
         }
+        // No append queues anything from here; the group being written finishes first.
         state.closed = true;
+        self.staged.notify_all();
+        while state.leader_active {
+            state = self
+                .committed
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        drop(state);
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.lock();
         let mut result = Ok(());
         if let Some(log) = writer.as_mut() {
             if state.failed.is_none() {
