@@ -5,6 +5,8 @@ from __future__ import annotations
 import doctest
 import pathlib
 import re
+import sys
+import types
 
 import buttress
 import buttress.backends.sqlite
@@ -35,12 +37,24 @@ def test_readme_has_an_example_per_available_pattern() -> None:
     assert "Bulkhead" in examples
     assert "ConnectionPool(" in examples
     assert "HashRing(" in examples
+    assert "ShardedStore(" in examples
+    assert "EventStore(" in examples
+    assert "Repository(" in examples
+    assert "ProjectionRunner(" in examples
 
 
 @pytest.mark.parametrize("index", range(len(readme_examples())))
 def test_readme_example_runs(index: int, capsys: pytest.CaptureFixture[str]) -> None:
     code = readme_examples()[index]
-    exec(compile(code, f"README.md example {index + 1}", "exec"), {"__name__": "__readme__"})
+    # Run as a script of its own would be: a module in sys.modules (dataclasses look there),
+    # compiled without this file's `from __future__` flags.
+    module = types.ModuleType("__readme__")
+    sys.modules["__readme__"] = module
+    try:
+        compiled = compile(code, f"README.md example {index + 1}", "exec", dont_inherit=True)
+        exec(compiled, module.__dict__)
+    finally:
+        del sys.modules["__readme__"]
     assert capsys.readouterr().out  # every example shows its result
 
 

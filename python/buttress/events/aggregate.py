@@ -364,6 +364,11 @@ class Repository(Generic[A]):
         """``get`` for asyncio (reads come from memory, so this does not block)."""
         return self.get(aggregate_id, version=version)
 
+    def decode(self, event: RecordedEvent) -> Event:
+        """The domain event a stored event holds (upcast when stored at an older schema
+        version): what a projection reads."""
+        return self._decoders.decode(event)
+
     def exists(self, aggregate_id: str) -> bool:
         """Whether the aggregate has any events."""
         return self.store.stream_version(self.stream_of(aggregate_id)) is not None
