@@ -170,8 +170,10 @@ def public_members(kind: str) -> list[tuple[str, Any]]:
             if isinstance(attribute, value):
                 continue  # an enum member
             is_property = inspect.isdatadescriptor(attribute)
-            if not is_property and not callable(attribute) and not isinstance(
-                attribute, (classmethod, staticmethod)
+            if (
+                not is_property
+                and not callable(attribute)
+                and not isinstance(attribute, (classmethod, staticmethod))
             ):
                 continue  # a class constant (documented in its class's docstring)
             if is_property == (kind == "property"):

@@ -350,6 +350,7 @@ class ShardedStore:
 
     def items(self) -> Iterator[tuple[str, bytes]]:
         """Every key and value, shard by shard in key order, read from the primaries."""
+        self._check_open()
         for shard in range(self._shards):
             after: str | None = None
             while True:
@@ -366,6 +367,7 @@ class ShardedStore:
         return self._call(shard, primary, lambda node: node.scan(shard, after, _BATCH))
 
     def __len__(self) -> int:
+        self._check_open()
         counts = {name: node.counts() for name, node in self._nodes.items()}
         return sum(counts[nodes[0]].get(shard, 0) for shard, nodes in enumerate(self._layout))
 
@@ -394,6 +396,7 @@ class ShardedStore:
 
     def pending_replication(self) -> int:
         """How many replica writes the primaries still owe (asks every node)."""
+        self._check_open()
         total = 0
         for name, node in self._nodes.items():
             try:
@@ -415,6 +418,7 @@ class ShardedStore:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Waits until every replica has every write; False if ``timeout`` seconds pass first."""
+        self._check_open()
         if self._replicator is None:
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -435,6 +439,7 @@ class ShardedStore:
         """Adds a node that holds nothing yet and returns the plan that would give it its
         share; ``rebalance(plan)`` carries it out."""
         with self._admin:
+            self._check_open()
             if name in self._nodes:
                 raise ValueError(f"name '{name}' is already a node of this store.")
             self._admit(name, backend, weight)
@@ -444,6 +449,7 @@ class ShardedStore:
         """Marks a node as leaving and returns the plan that moves its shards off; once
         ``rebalance`` has moved them, the node is dropped and its backend closed."""
         with self._admin:
+            self._check_open()
             if name not in self._nodes:
                 raise KeyError(f"name '{name}' is not a node of this store.")
             if name in self._leaving:
@@ -622,7 +628,8 @@ class ShardedStore:
         if not self._remember_limit:
             return
         with self._recent_lock:
-            self._recent[key] = version
+            # Two writers of one key may finish in either order: keep the newer version.
+            self._recent[key] = max(version, self._recent.get(key, version))
             self._recent.move_to_end(key)
             if len(self._recent) > self._remember_limit:
                 self._recent.popitem(last=False)
@@ -664,9 +671,16 @@ class ShardedStore:
         self._count("reads")
         # A read that overlaps the switch of its shard may have asked a node that has since
         # dropped it; it is asked again of the new nodes (a shard switches rarely).
-        for _ in range(3):
+        attempts = 3
+        for attempt in range(attempts):
             members = self._layout[shard]
-            found = self._read_once(shard, members, keys, primary_only)
+            try:
+                found = self._read_once(shard, members, keys, primary_only)
+            except ShardUnavailableError:
+                # A node that left with the switch may be closed already: ask the new ones.
+                if self._layout[shard] == members or attempt + 1 == attempts:
+                    raise
+                continue
             if self._layout[shard] == members:
                 break
         return found
@@ -675,12 +689,15 @@ class ShardedStore:
         self, shard: int, members: tuple[str, ...], keys: list[str], primary_only: bool
     ) -> dict[str, tuple[bytes | None, int]]:
         primary = members[0]
-        secondaries = [(name, self._nodes[name]) for name in members[1:]]
+        nodes = self._nodes
+        # A node forgotten by a rebalance that ended a moment ago is left out (and the read
+        # asked again of the new nodes by _read_shard).
+        secondaries = [(name, nodes[name]) for name in members[1:] if name in nodes]
         secondaries += [
             (f"{primary}/read-replica-{number}", node)
             for number, node in enumerate(self._read_replicas.get(primary, ()), 1)
         ]
-        order = [(primary, self._nodes[primary])]
+        order = [(primary, nodes[primary])] if primary in nodes else []
         if primary_only:
             pass
         elif self._read == "replica" and secondaries:
@@ -744,18 +761,28 @@ class ShardedStore:
     ) -> None:
         if not isinstance(name, str) or not name:
             raise TypeError(f"Node names must be non-empty strings (got {name!r}).")
+        node: ShardBackend
+        opened = isinstance(backend, (str, os.PathLike))
         if isinstance(backend, (str, os.PathLike)):
             from buttress.backends.sqlite import SQLiteShardBackend
 
-            backend = SQLiteShardBackend(backend)
-            self._opened.append(backend)
-        elif not isinstance(backend, ShardBackend):
+            node = SQLiteShardBackend(backend)
+        elif isinstance(backend, ShardBackend):
+            node = backend
+        else:
             raise TypeError(
                 f"The backend of node '{name}' must be a ShardBackend or an SQLite file path "
                 f"(got {type(backend).__name__})."
             )
-        self._ring.add_node(name, weight)
-        self._nodes[name] = backend
+        try:
+            self._ring.add_node(name, weight)
+        except BaseException:
+            if opened:
+                _close_all([node])
+            raise
+        if opened:
+            self._opened.append(node)
+        self._nodes[name] = node
 
     def _desired(self) -> list[tuple[str, ...]]:
         count = min(self._members, len(self._ring))
@@ -854,16 +881,23 @@ class ShardedStore:
                     raise state.failure
                 if promoted:
                     self._send_hints(shard, old_primary, new_primary)
+                owed: list[Hint] = []
+                carried: list[Hint] = []
                 if new_primary != move.before[0]:
                     # Frozen, the shard gains no hints while they are read, so one read has all.
                     owed = old_primary.hints(shard, 1 << 62)
-                    self._nodes[new_primary].add_hints(
-                        shard, [hint for hint in owed if hint[0] in move.after[1:]]
-                    )
-                    old_primary.clear_hints(shard, owed)
+                    carried = [hint for hint in owed if hint[0] in move.after[1:]]
+                    self._nodes[new_primary].add_hints(shard, carried)
                 layout = list(self._layout)
                 layout[shard] = move.after
-                self._save_layout(layout, self._epoch + 1)
+                try:
+                    self._save_layout(layout, self._epoch + 1)
+                except BaseException:
+                    # The shard stays where it was, and its old primary still holds what its
+                    # replicas are owed; the copies carried over are withdrawn.
+                    with contextlib.suppress(Exception):
+                        self._nodes[new_primary].clear_hints(shard, carried)
+                    raise
                 self._layout = layout
                 self._epoch += 1
                 del self._moving[shard]
@@ -876,6 +910,10 @@ class ShardedStore:
                     with contextlib.suppress(Exception):
                         self._nodes[name].drop_shard(shard)
         self._count("shards_moved")
+        if owed and move.before[0] in move.after:
+            # The old primary stays as a replica; what it recorded as owed moved with the route.
+            with contextlib.suppress(Exception):
+                old_primary.clear_hints(shard, owed)
         for name in move.leaves:
             try:
                 self._nodes[name].drop_shard(shard)
@@ -1043,9 +1081,10 @@ class _Replicator:
         return self._retry_at.get(name, 0.0) > time.monotonic()
 
     def _next_retry(self) -> float:
-        if not self._retry_at:
-            return self._store._backoff[0]
-        return max(0.0, min(self._retry_at.values()) - time.monotonic())
+        now = time.monotonic()
+        # Entries in the past belong to nodes that recovered or left: no reason to hurry.
+        future = [when for when in self._retry_at.values() if when > now]
+        return min(future) - now if future else self._store._backoff[0]
 
     def _failed(self, name: str, error: BaseException) -> None:
         first, longest = self._store._backoff
