@@ -247,6 +247,34 @@ pub struct RecordedEvent {
 
 #[pymethods]
 impl RecordedEvent {
+    /// A recorded event from another store (the PostgreSQL backend builds its events so).
+    #[new]
+    #[pyo3(signature = (*, stream, version, position, r#type, data, metadata, id, timestamp))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        stream: &Bound<'_, PyAny>,
+        version: u64,
+        position: u64,
+        r#type: &str,
+        data: &Bound<'_, PyAny>,
+        metadata: &Bound<'_, PyAny>,
+        id: &Bound<'_, PyAny>,
+        timestamp: f64,
+    ) -> PyResult<Self> {
+        Ok(RecordedEvent {
+            event: Arc::new(StoredEvent {
+                position,
+                stream: stream_argument(stream)?,
+                version,
+                id: parse_id(id)?,
+                event_type: Arc::from(r#type),
+                data: bytes_argument("data", data)?,
+                metadata: bytes_argument("metadata", metadata)?,
+                timestamp_us: (timestamp * 1e6).round() as i64,
+            }),
+        })
+    }
+
     /// The event's id.
     #[getter]
     fn id<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
@@ -319,6 +347,11 @@ pub struct AppendResult {
 
 #[pymethods]
 impl AppendResult {
+    #[new]
+    fn new(version: u64, position: u64) -> Self {
+        AppendResult { version, position }
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "AppendResult(version={}, position={})",

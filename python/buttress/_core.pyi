@@ -489,6 +489,18 @@ class NewEvent:
 class RecordedEvent:
     """An event as stored: its stream, version in the stream, and global position too."""
 
+    def __new__(
+        cls,
+        *,
+        stream: str,
+        version: int,
+        position: int,
+        type: str,
+        data: bytes,
+        metadata: bytes,
+        id: UUID | bytes,
+        timestamp: float,
+    ) -> RecordedEvent: ...
     @property
     def id(self) -> UUID:
         """The event's id."""
@@ -521,6 +533,7 @@ class AppendResult:
     """Where an append put a stream's events: the version of its last event and that event's
     global position."""
 
+    def __new__(cls, version: int, position: int) -> AppendResult: ...
     @property
     def version(self) -> int:
         """The stream's version after the append (the version of its last event)."""

@@ -24,7 +24,7 @@ stored data of older versions up to date in ``upcast``.
 ...     @applies(Registered, Renamed)
 ...     def _named(self, event: "User.Registered | User.Renamed") -> None:
 ...         self.name = event.name
->>> from buttress.events.store import EventStore, ExpectedVersion
+>>> from buttress.events.store import EventStoreLike, ExpectedVersion
 >>> users = Repository(EventStore(), User)
 >>> ada = User.register("ada", "Ada")
 >>> ada.rename("Ada Lovelace")
@@ -44,7 +44,7 @@ import msgspec
 
 from buttress._core import NewEvent, RecordedEvent
 from buttress.errors import AggregateNotFoundError
-from buttress.events.store import EventStore, ExpectedVersion
+from buttress.events.store import EventStoreLike, ExpectedVersion
 
 __all__ = [
     "Aggregate",
@@ -247,10 +247,10 @@ class Repository(Generic[A]):
     """
 
     def __init__(
-        self, store: EventStore, aggregate: type[A], *, snapshot_every: int | None = None
+        self, store: EventStoreLike, aggregate: type[A], *, snapshot_every: int | None = None
     ) -> None:
-        if not isinstance(store, EventStore):
-            raise TypeError(f"store must be an EventStore (got {type(store).__name__}).")
+        if not isinstance(store, EventStoreLike):
+            raise TypeError(f"store must be an event store (got {type(store).__name__}).")
         if not (isinstance(aggregate, type) and issubclass(aggregate, Aggregate)):
             raise TypeError(f"aggregate must be an Aggregate subclass (got {aggregate!r}).")
         if snapshot_every is not None and (
@@ -294,7 +294,7 @@ class Repository(Generic[A]):
 
     async def save_async(self, *aggregates: A) -> int | None:
         """``save`` for asyncio (a durable store waits for its sync on a worker thread)."""
-        if self.store.path is None:
+        if not self.store.blocks:
             return self.save(*aggregates)
         return await asyncio.to_thread(self.save, *aggregates)
 
@@ -361,8 +361,10 @@ class Repository(Generic[A]):
         return aggregate
 
     async def get_async(self, aggregate_id: str, *, version: int | None = None) -> A:
-        """``get`` for asyncio (reads come from memory, so this does not block)."""
-        return self.get(aggregate_id, version=version)
+        """``get`` for asyncio (on a worker thread when the store's calls wait on I/O)."""
+        if not self.store.blocks:
+            return self.get(aggregate_id, version=version)
+        return await asyncio.to_thread(self.get, aggregate_id, version=version)
 
     def decode(self, event: RecordedEvent) -> Event:
         """The domain event a stored event holds (upcast when stored at an older schema

@@ -40,7 +40,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 from buttress._core import RecordedEvent
-from buttress.events.store import EventStore
+from buttress.events.store import EventStoreLike
 from buttress.pool import ConnectionPool
 
 __all__ = ["Projection", "ProjectionRunner"]
@@ -84,14 +84,14 @@ class ProjectionRunner:
 
     def __init__(
         self,
-        store: EventStore,
+        store: EventStoreLike,
         projection: Projection,
         database: str | os.PathLike[str] | ConnectionPool[Any],
         *,
         batch_size: int = 256,
     ) -> None:
-        if not isinstance(store, EventStore):
-            raise TypeError(f"store must be an EventStore (got {type(store).__name__}).")
+        if not isinstance(store, EventStoreLike):
+            raise TypeError(f"store must be an event store (got {type(store).__name__}).")
         if not isinstance(projection, Projection):
             raise TypeError(f"projection must be a Projection (got {type(projection).__name__}).")
         if not isinstance(projection.name, str) or not projection.name:

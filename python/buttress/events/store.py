@@ -22,8 +22,8 @@ import asyncio
 import contextlib
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator
-from typing import Literal
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from typing import Literal, Protocol, runtime_checkable
 
 from buttress import _core
 from buttress._core import AppendResult, NewEvent, RecordedEvent
@@ -31,6 +31,7 @@ from buttress._core import AppendResult, NewEvent, RecordedEvent
 __all__ = [
     "AppendResult",
     "EventStore",
+    "EventStoreLike",
     "ExpectedVersion",
     "NewEvent",
     "RecordedEvent",
@@ -38,6 +39,59 @@ __all__ = [
 ]
 
 ExpectedVersion = int | Literal["any", "no_stream", "stream_exists"]
+
+
+@runtime_checkable
+class EventStoreLike(Protocol):
+    """What repositories, projections and subscriptions need of a store: ``EventStore`` (in
+    memory or durable) and ``buttress.backends.postgres_events.PostgresEventStore`` have it."""
+
+    @property
+    def blocks(self) -> bool:
+        """Whether calls wait on I/O (asyncio twins then run them on a worker thread)."""
+        ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    def append(
+        self,
+        stream: str,
+        events: NewEvent | Iterable[NewEvent],
+        expected_version: ExpectedVersion | None = None,
+    ) -> AppendResult: ...
+
+    def append_many(
+        self, appends: Iterable[tuple[str, NewEvent | Iterable[NewEvent], ExpectedVersion | None]]
+    ) -> list[AppendResult]: ...
+
+    def read_stream(
+        self,
+        stream: str,
+        from_version: int | None = None,
+        *,
+        backwards: bool = False,
+        limit: int | None = None,
+    ) -> list[RecordedEvent]: ...
+
+    def read_all(
+        self, from_position: int | None = None, *, limit: int | None = None
+    ) -> list[RecordedEvent]: ...
+
+    def stream_version(self, stream: str) -> int | None: ...
+
+    def poll(
+        self,
+        from_position: int,
+        limit: int,
+        timeout: float | None,
+        stream_prefix: str | None = None,
+        event_types: set[str] | None = None,
+    ) -> tuple[list[RecordedEvent], int]: ...
+
+    def _watch(self, after: int, callback: Callable[[], object]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class EventStore(_core.EventStore):
@@ -48,6 +102,12 @@ class EventStore(_core.EventStore):
     together share one sync, ``"never"`` leaves syncing to the operating system (a machine crash
     can lose the latest appends, never corrupt the log). One process writes a directory at a time.
     """
+
+    @property
+    def blocks(self) -> bool:
+        """Whether appends wait on the disk (a durable store): asyncio twins then run them on a
+        worker thread."""
+        return self.path is not None
 
     def subscribe(
         self,
@@ -69,7 +129,7 @@ class EventStore(_core.EventStore):
         expected_version: ExpectedVersion | None = None,
     ) -> AppendResult:
         """``append`` for asyncio: a durable store waits for its sync on a worker thread."""
-        if self.path is None:
+        if not self.blocks:
             return self.append(stream, events, expected_version)
         return await asyncio.to_thread(self.append, stream, events, expected_version)
 
@@ -77,7 +137,7 @@ class EventStore(_core.EventStore):
         self, appends: Iterable[tuple[str, NewEvent | Iterable[NewEvent], ExpectedVersion | None]]
     ) -> list[AppendResult]:
         """``append_many`` for asyncio."""
-        if self.path is None:
+        if not self.blocks:
             return self.append_many(appends)
         return await asyncio.to_thread(self.append_many, list(appends))
 
@@ -107,7 +167,7 @@ class Subscription:
 
     def __init__(
         self,
-        store: EventStore,
+        store: EventStoreLike,
         from_position: int,
         stream_prefix: str | None,
         event_types: Iterable[str] | None,
