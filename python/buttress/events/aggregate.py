@@ -24,7 +24,7 @@ stored data of older versions up to date in ``upcast``.
 ...     @applies(Registered, Renamed)
 ...     def _named(self, event: "User.Registered | User.Renamed") -> None:
 ...         self.name = event.name
->>> from buttress.events.store import EventStoreLike, ExpectedVersion
+>>> from buttress.events.store import EventStore
 >>> users = Repository(EventStore(), User)
 >>> ada = User.register("ada", "Ada")
 >>> ada.rename("Ada Lovelace")
