@@ -220,6 +220,31 @@ fn decode_payload(
     Ok(())
 }
 
+/// Whether `bytes` starts with a whole payload (its events all there) whose CRC is `checksum`.
+fn intact_payload(bytes: &[u8], checksum: u32) -> bool {
+    let mut reader = Reader { bytes, at: 0 };
+    let header = (|| {
+        reader.take(8)?;
+        let count = reader.u32()?;
+        reader.take(8)?;
+        Some(count)
+    })();
+    let Some(count) = header else { return false };
+    for _ in 0..count {
+        let whole = (|| {
+            reader.take(8 + 16)?;
+            for _ in 0..4 {
+                reader.field()?;
+            }
+            Some(())
+        })();
+        if whole.is_none() {
+            return false;
+        }
+    }
+    count > 0 && crc32c::crc32c(&bytes[..reader.at]) == checksum
+}
+
 /// The segment files of a directory, by the position of their first event.
 fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LogError> {
     let mut found = Vec::new();
@@ -247,6 +272,8 @@ fn segment_path(dir: &Path, first: u64) -> PathBuf {
 /// What opening a log found.
 pub struct Recovered {
     pub events: Vec<StoredEvent>,
+    /// The position of the first event of every record (every append), in order.
+    pub appends: Vec<u64>,
     /// Bytes cut from the end of the last segment: a record whose write never finished.
     pub truncated_bytes: u64,
 }
@@ -286,6 +313,7 @@ impl LogWriter {
         }
         let found = segments(dir)?;
         let mut events = Vec::new();
+        let mut appends = Vec::new();
         let mut interner = Interner::default();
         let mut truncated_bytes = 0;
         let mut next = 0u64;
@@ -303,7 +331,15 @@ impl LogWriter {
                     ),
                 });
             }
-            let good = scan_segment(path, &bytes, is_last, next, &mut interner, &mut events)?;
+            let good = scan_segment(
+                path,
+                &bytes,
+                is_last,
+                next,
+                &mut interner,
+                &mut events,
+                &mut appends,
+            )?;
             next = events.last().map_or(0, |event| event.position + 1);
             if is_last {
                 truncated_bytes = bytes.len() as u64 - good;
@@ -339,6 +375,7 @@ impl LogWriter {
             writer,
             Recovered {
                 events,
+                appends,
                 truncated_bytes,
             },
         ))
@@ -402,6 +439,7 @@ fn scan_segment(
     mut next: u64,
     interner: &mut Interner,
     events: &mut Vec<StoredEvent>,
+    appends: &mut Vec<u64>,
 ) -> Result<u64, LogError> {
     let corrupted = |offset: usize, reason: String| LogError::Corrupted {
         path: path.to_owned(),
@@ -451,6 +489,15 @@ fn scan_segment(
             return Err(corrupted(offset, format!("a record claims {length} bytes")));
         }
         let Some(payload) = rest.get(RECORD_HEADER..RECORD_HEADER + length) else {
+            // A torn write ends the file inside its record. But a whole record whose length
+            // field alone was damaged also seems to run past the end: its payload still
+            // decodes and matches its checksum, and then the damage is refused.
+            if intact_payload(&rest[RECORD_HEADER..], checksum) {
+                return Err(corrupted(
+                    offset,
+                    format!("a record's length field claims {length} bytes, past the end of the file, but the record is whole"),
+                ));
+            }
             return torn("a record is cut short");
         };
         if crc32c::crc32c(payload) != checksum {
@@ -473,6 +520,7 @@ fn scan_segment(
                 format!("the record starts at position {found}, expected {next}"),
             ));
         }
+        appends.push(next);
         next = events.last().expect("a record holds events").position + 1;
         offset += RECORD_HEADER + length;
     }
@@ -604,6 +652,25 @@ mod tests {
                 assert_eq!(offset, MAGIC.len() as u64);
             }
             other => panic!("expected corruption, got {:?}", other.err()),
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_length_field_is_refused_not_taken_for_a_torn_tail() {
+        let dir = temp_dir("length");
+        write_records(&dir, &batches(), 1 << 20);
+        let path = newest_segment(&dir);
+        let original = fs::read(&path).unwrap();
+        // The first record's length now runs past the end of the file, by a little or a lot.
+        for (byte, flip) in [(1, 0x10), (3, 0x7f)] {
+            let mut bytes = original.clone();
+            bytes[MAGIC.len() + byte] ^= flip;
+            fs::write(&path, &bytes).unwrap();
+            assert!(matches!(
+                LogWriter::open(&dir, 1 << 20),
+                Err(LogError::Corrupted { offset, .. }) if offset == MAGIC.len() as u64
+            ));
         }
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -158,6 +158,9 @@ struct State {
     visible: u64,
     streams: FastMap<Arc<str>, Vec<u64>>,
     ids: FastMap<[u8; 16], u64>,
+    /// The position of the first event of every append, in order: where one ends and the
+    /// next begins, which tells a retry from a reuse of ids.
+    append_starts: Vec<u64>,
     types: eventlog::Interner,
     pending: VecDeque<Pending>,
     failed: Option<String>,
@@ -249,6 +252,7 @@ impl EventStore {
             state.events.push(event);
         }
         state.visible = state.events.len() as u64;
+        state.append_starts = recovered.appends;
         Ok(EventStore {
             state: Mutex::new(state),
             committed: Condvar::new(),
@@ -418,6 +422,7 @@ impl EventStore {
                 self.staged.notify_one();
             }
         }
+        state.append_starts.push(first);
         for event in placed {
             state
                 .streams
@@ -723,48 +728,50 @@ impl EventStore {
     }
 }
 
-/// The original results of an append whose events are all stored already, as that same
-/// append; an error when only some are, or not as this append.
+/// The original results of an append whose event ids are all stored already, by one earlier
+/// append holding exactly these events (each stream's in the same order); an error otherwise.
 fn replay(state: &State, requests: &[AppendRequest]) -> StoreResult<Vec<Appended>> {
+    let (known_id, known_position) = requests
+        .iter()
+        .flat_map(|request| &request.events)
+        .find_map(|event| state.ids.get(&event.id).map(|&p| (event.id, p)))
+        .expect("replay is only called when an id is stored");
+    // The earlier append that stored it: the last one to start at or before its position.
+    let index = state
+        .append_starts
+        .partition_point(|&start| start <= known_position)
+        - 1;
+    let start = state.append_starts[index];
+    let end = state
+        .append_starts
+        .get(index + 1)
+        .copied()
+        .unwrap_or(state.events.len() as u64);
+    let total: usize = requests.iter().map(|request| request.events.len()).sum();
+    if end - start != total as u64 {
+        return Err(partial(known_id));
+    }
     let mut results = Vec::with_capacity(requests.len());
-    let mut stored = 0usize;
-    let mut total = 0usize;
     for request in requests {
-        total += request.events.len();
-        let found: Vec<Option<u64>> = request
-            .events
-            .iter()
-            .map(|event| state.ids.get(&event.id).copied())
-            .collect();
-        let known = found.iter().filter(|p| p.is_some()).count();
-        stored += known;
-        if known == 0 {
-            continue;
-        }
-        // Stored as this request: the same ids, in order, consecutive in this stream.
-        let mut last = None;
-        for (event, position) in request.events.iter().zip(&found) {
-            let Some(position) = *position else {
-                return Err(partial(event.id));
+        let mut last: Option<&StoredEvent> = None;
+        for event in &request.events {
+            let Some(&position) = state.ids.get(&event.id) else {
+                return Err(partial(known_id));
             };
             let recorded = &state.events[position as usize];
-            if recorded.stream != request.stream
-                || last.is_some_and(|(_, v): (u64, u64)| recorded.version != v + 1)
-            {
-                return Err(partial(event.id));
+            let in_place = (start..end).contains(&position)
+                && recorded.stream == request.stream
+                && last.is_none_or(|previous| position == previous.position + 1);
+            if !in_place {
+                return Err(partial(known_id));
             }
-            last = Some((position, recorded.version));
+            last = Some(recorded);
         }
-        let (position, version) = last.expect("known > 0");
-        results.push(Appended { version, position });
-    }
-    if stored != total {
-        let id = requests
-            .iter()
-            .flat_map(|r| &r.events)
-            .find(|e| state.ids.contains_key(&e.id))
-            .map_or([0; 16], |e| e.id);
-        return Err(partial(id));
+        let last = last.expect("every request has events");
+        results.push(Appended {
+            version: last.version,
+            position: last.position,
+        });
     }
     Ok(results)
 }
@@ -874,6 +881,43 @@ mod tests {
             Err(StoreError::DuplicateEvent { .. })
         ));
         assert_eq!(store.head(), 3);
+    }
+
+    #[test]
+    fn only_a_whole_earlier_append_counts_as_a_retry() {
+        let store = EventStore::in_memory();
+        store
+            .append(vec![request("s", Expected::Any, &[1, 2, 3])])
+            .unwrap();
+        store
+            .append(vec![request("s", Expected::Any, &[4])])
+            .unwrap();
+        for ids in [&[1][..], &[2, 3], &[3, 4], &[1, 2, 3, 4]] {
+            assert!(
+                matches!(
+                    store.append(vec![request("s", Expected::Any, ids)]),
+                    Err(StoreError::DuplicateEvent { .. })
+                ),
+                "{ids:?}"
+            );
+        }
+        assert!(matches!(
+            store.append(vec![
+                request("s", Expected::Any, &[1, 2]),
+                request("t", Expected::Any, &[3])
+            ]),
+            Err(StoreError::DuplicateEvent { .. })
+        ));
+        assert_eq!(
+            store
+                .append(vec![request("s", Expected::Any, &[1, 2, 3])])
+                .unwrap(),
+            vec![Appended {
+                version: 2,
+                position: 2
+            }]
+        );
+        assert_eq!(store.head(), 4);
     }
 
     #[test]

@@ -129,21 +129,13 @@ fn limit_argument(value: Option<&Bound<'_, PyAny>>) -> PyResult<usize> {
         None => Ok(usize::MAX),
         Some(value) if value.is_none() => Ok(usize::MAX),
         Some(value) => {
-            if !value.is_instance_of::<PyInt>() {
-                return Err(Error::wrong_type(
-                    "limit",
-                    format!(
-                        "limit must be a whole number or None (got {}).",
-                        value.repr()?
-                    ),
-                )
-                .into());
-            }
-            value.extract::<usize>().map_err(|_| {
-                Error::invalid("limit", format!("limit must be 0 or more (got {value}).")).into()
-            })
+            Ok(usize::try_from(position_argument("limit", value)?).unwrap_or(usize::MAX))
         }
     }
+}
+
+fn segment_size_argument(value: &Bound<'_, PyAny>) -> PyResult<u64> {
+    position_argument("segment_size", value)
 }
 
 fn position_argument(argument: &'static str, value: &Bound<'_, PyAny>) -> PyResult<u64> {
@@ -448,7 +440,7 @@ impl EventStore {
         py: Python<'_>,
         path: Option<PathBuf>,
         fsync: &str,
-        segment_size: u64,
+        #[pyo3(from_py_with = segment_size_argument)] segment_size: u64,
     ) -> PyResult<Self> {
         let Some(policy) = Fsync::parse(fsync) else {
             return Err(Error::invalid(

@@ -53,6 +53,10 @@ create table if not exists {p}_events (
     data bytea not null,
     metadata bytea not null,
     timestamp double precision not null,
+    -- The append that stored the event: its first position and how many events it held,
+    -- which tells an exact retry from other reuse of ids.
+    append_start bigint not null,
+    append_size integer not null,
     unique (stream, version)
 );
 create table if not exists {p}_head (
@@ -66,6 +70,7 @@ create or replace function {p}_append(
 ) returns table (out_version bigint, out_position bigint) language plpgsql as $$
 declare
     next_position bigint;
+    start_position bigint;
     known integer;
     total integer := coalesce(array_length(p_ids, 1), 0);
     offset_ integer := 0;
@@ -73,30 +78,35 @@ declare
     wanted bigint;
     found record;
     previous bigint;
+    original record;
 begin
     -- One lock for every append: appends commit in position order, so readers skip nothing.
     select position into next_position from {p}_head where id = 1 for update;
+    start_position := next_position;
     select count(*) into known from {p}_events where id = any(p_ids);
     if known > 0 then
         -- A retry of an append returns what the append got; any other reuse is refused.
-        if known <> total then
-            raise exception 'some event ids are stored, others not' using errcode = 'BT002',
-                detail = (select id::text from {p}_events where id = any(p_ids) limit 1);
+        select min(append_start) as start, min(append_size) as size,
+               count(distinct append_start) as appends, min(id::text) as some_id
+            into original from {p}_events where id = any(p_ids);
+        if known <> total or original.appends <> 1 or original.size <> total then
+            raise exception 'event ids stored by another append' using errcode = 'BT002',
+                detail = original.some_id;
         end if;
         for i in 1 .. array_length(p_streams, 1) loop
             previous := null;
             for j in offset_ + 1 .. offset_ + p_counts[i] loop
                 select stream, version, position into found from {p}_events where id = p_ids[j];
                 if found.stream <> p_streams[i]
-                        or (previous is not null and found.version <> previous + 1) then
+                        or (previous is not null and found.position <> previous + 1) then
                     raise exception 'event ids stored by another append'
-                        using errcode = 'BT002', detail = p_ids[j]::text;
+                        using errcode = 'BT002', detail = original.some_id;
                 end if;
-                previous := found.version;
+                previous := found.position;
                 out_position := found.position;
+                out_version := found.version;
             end loop;
             offset_ := offset_ + p_counts[i];
-            out_version := previous;
             return next;
         end loop;
         return;
@@ -110,10 +120,13 @@ begin
                 detail = json_build_object(
                     'stream', p_streams[i], 'expected', wanted, 'actual', current)::text;
         end if;
-        insert into {p}_events (position, stream, version, id, type, data, metadata, timestamp)
+        insert into {p}_events (
+            position, stream, version, id, type, data, metadata, timestamp, append_start,
+            append_size
+        )
         select next_position + k - 1, p_streams[i], coalesce(current, -1) + k,
                p_ids[offset_ + k], p_types[offset_ + k], p_data[offset_ + k],
-               p_metadata[offset_ + k], p_timestamp
+               p_metadata[offset_ + k], p_timestamp, start_position, total
         from generate_series(1, p_counts[i]) as k;
         next_position := next_position + p_counts[i];
         offset_ := offset_ + p_counts[i];

@@ -27,6 +27,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 from buttress import _core
 from buttress._core import AppendResult, NewEvent, RecordedEvent
+from buttress.errors import EventStoreClosedError
 
 __all__ = [
     "AppendResult",
@@ -162,7 +163,8 @@ class Subscription:
     """Delivers a store's events in global order from a position: everything already stored,
     then each new event as it becomes visible. Iterate it (``for event in subscription``, which
     waits with the GIL released, or ``async for``), or call ``next(timeout)``. Iteration ends
-    when the subscription or the store is closed. ``position`` is where it will read next, so a
+    when the subscription is closed, or when the store is closed and every event it held has
+    been delivered. ``position`` is where it will read next, so a
     consumer that saves it can resume there."""
 
     def __init__(
@@ -204,42 +206,61 @@ class Subscription:
         with self._lock:
             return self._buffer[0].position if self._buffer else self._next
 
-    def _fill(self, timeout: float | None) -> None:
-        found, self._next = self._store.poll(
-            self._next, self._batch_size, timeout, self._prefix, self._types
-        )
-        self._buffer.extend(found)
-
     def next(self, timeout: float | None = None) -> RecordedEvent | None:
         """The next event, waiting up to ``timeout`` seconds (None: until one comes); None if
-        none came in time or the subscription is closed."""
-        with self._lock:
-            if not self._buffer and not self._closed and not self._store.closed:
-                self._fill(timeout)
-            return self._buffer.popleft() if self._buffer else None
+        none came in time, or the subscription is closed, or the store is closed and every
+        event it held was delivered."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    return None
+                if self._buffer:
+                    return self._buffer.popleft()
+                start = self._next
+            # Polled without the lock, so close() and position never wait for it.
+            try:
+                found, after = self._store.poll(
+                    start, self._batch_size, timeout, self._prefix, self._types
+                )
+            except EventStoreClosedError:
+                return None
+            with self._lock:
+                if self._closed:
+                    return None
+                if self._next == start:
+                    self._buffer.extend(found)
+                    self._next = after
+                elif not self._buffer:
+                    continue  # another thread polled the same events and took them
+                return self._buffer.popleft() if self._buffer else None
+
+    def _exhausted(self) -> bool:
+        """The store is closed and everything it held was delivered."""
+        return self._store.closed and not self._buffer
 
     def __iter__(self) -> Iterator[RecordedEvent]:
         return self
 
     def __next__(self) -> RecordedEvent:
-        while True:
-            if self._closed or (self._store.closed and not self._buffer):
-                raise StopIteration
-            event = self.next(timeout=1.0)
+        while not self._closed:
+            event = self.next(timeout=0.25)
             if event is not None:
                 return event
+            if self._exhausted():
+                break
+        raise StopIteration
 
     def __aiter__(self) -> AsyncIterator[RecordedEvent]:
         return self
 
     async def __anext__(self) -> RecordedEvent:
         loop = asyncio.get_running_loop()
-        while True:
-            if self._closed or (self._store.closed and not self._buffer):
-                raise StopAsyncIteration
+        while not self._closed:
             event = self.next(timeout=0)
             if event is not None:
                 return event
+            if self._exhausted():
+                break
             woken = loop.create_future()
 
             def wake(future: asyncio.Future[None] = woken) -> None:
@@ -250,6 +271,7 @@ class Subscription:
             # Woken once the position this subscription reads next is visible.
             self._store._watch(self._next, wake)
             await woken
+        raise StopAsyncIteration
 
     def close(self) -> None:
         """Ends iteration; events not yet delivered are dropped."""
