@@ -521,8 +521,8 @@ impl EventStore {
 
     /// A group-commit leader's short wait for company: when the last group held several
     /// records, or other appends are under way, the threads that just got their answer are
-    /// about to queue their next records, so waiting a fraction of a sync for them lets one
-    /// sync serve them all. Alone, a leader never waits.
+    /// about to queue their next records, so waiting up to one sync's time for them (at most
+    /// 2 ms) lets one sync serve them all. Alone, a leader never waits.
     fn gather<'a>(&self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         let expected = state
             .last_group
@@ -531,7 +531,7 @@ impl EventStore {
         if state.pending.len() >= expected {
             return state;
         }
-        let deadline = Instant::now() + (state.last_sync / 2).min(Duration::from_millis(2));
+        let deadline = Instant::now() + state.last_sync.min(Duration::from_millis(2));
         state.leader_waiting = true;
         while state.pending.len() < expected && !state.closed {
             let now = Instant::now();
