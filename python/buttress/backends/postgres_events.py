@@ -33,7 +33,7 @@ from buttress.errors import (
     EventStoreClosedError,
     WrongExpectedVersionError,
 )
-from buttress.events.store import ExpectedVersion, Subscription
+from buttress.events.store import ExpectedVersion, Snapshots, Subscription
 
 __all__ = ["PostgresEventStore"]
 
@@ -141,7 +141,7 @@ $$;
 """
 
 
-class PostgresEventStore:
+class PostgresEventStore(Snapshots):
     """``EventStore``'s API on PostgreSQL. ``pool_options`` go to ``postgres_pool``.
 
     Tables and the append function are named from ``table_prefix`` (lower-case letters, digits

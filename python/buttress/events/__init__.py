@@ -19,6 +19,7 @@ from buttress.events.store import (
     ExpectedVersion,
     NewEvent,
     RecordedEvent,
+    Snapshot,
     Subscription,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "RecordedEvent",
     "Repository",
     "RetryOnConflict",
+    "Snapshot",
     "Subscription",
     "ValidationMiddleware",
     "applies",

@@ -332,11 +332,9 @@ class Repository(Generic[A]):
                     self._snapshot(aggregate)
 
     def _snapshot(self, aggregate: A) -> None:
+        assert aggregate.version is not None
         state = _ENCODER.encode(aggregate.snapshot_state())
-        version = str(aggregate.version).encode()
-        self.store.append(
-            _snapshot_stream(aggregate.stream), [NewEvent("Snapshot", state, version)]
-        )
+        self.store.save_snapshot(aggregate.stream, aggregate.version, state)
 
     def get(self, aggregate_id: str, *, version: int | None = None) -> A:
         """The aggregate rebuilt from its events (from its newest snapshot on, when there is
@@ -346,11 +344,11 @@ class Repository(Generic[A]):
         _initialise(aggregate, aggregate_id)
         start = 0
         if self.snapshot_every is not None and version is None:
-            newest = self.store.read_stream(_snapshot_stream(stream), backwards=True, limit=1)
-            if newest:
-                aggregate.restore_state(msgspec.json.decode(newest[0].data))
-                aggregate.version = int(newest[0].metadata)
-                start = aggregate.version + 1
+            snapshot = self.store.load_snapshot(stream)
+            if snapshot is not None:
+                aggregate.restore_state(msgspec.json.decode(snapshot.data))
+                aggregate.version = snapshot.version
+                start = snapshot.version + 1
         limit = None if version is None else max(0, version - start + 1)
         events = self.store.read_stream(stream, start, limit=limit)
         if not events and aggregate.version is None:
@@ -381,7 +379,3 @@ def _request(aggregate: Aggregate) -> tuple[str, list[NewEvent], ExpectedVersion
     base = aggregate.version - len(aggregate._pending_new)
     expected: ExpectedVersion = "no_stream" if base < 0 else base
     return aggregate._stream, aggregate._pending_new, expected
-
-
-def _snapshot_stream(stream: str) -> str:
-    return f"$snapshot-{stream}"

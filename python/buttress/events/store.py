@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, cast, runtime_checkable
 
 from buttress import _core
 from buttress._core import AppendResult, NewEvent, RecordedEvent
@@ -36,6 +37,8 @@ __all__ = [
     "ExpectedVersion",
     "NewEvent",
     "RecordedEvent",
+    "Snapshot",
+    "Snapshots",
     "Subscription",
 ]
 
@@ -92,10 +95,64 @@ class EventStoreLike(Protocol):
 
     def _watch(self, after: int, callback: Callable[[], object]) -> None: ...
 
+    def load_snapshot(self, stream: str) -> Snapshot | None: ...
+
+    def save_snapshot(self, stream: str, version: int, data: bytes) -> None: ...
+
     def close(self) -> None: ...
 
 
-class EventStore(_core.EventStore):
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """A stream's state as of ``version``, saved so loading need not replay from the start."""
+
+    stream: str
+    version: int
+    data: bytes
+
+
+def _snapshot_stream(stream: str) -> str:
+    return f"$snapshot-{stream}"
+
+
+class Snapshots:
+    """Snapshots of streams, kept in a stream of their own (``$snapshot-<stream>``) in the
+    same store, so every backend has them."""
+
+    def save_snapshot(self, stream: str, version: int, data: bytes) -> None:
+        """Saves ``data`` as the state of ``stream`` as of ``version`` (an event it holds)."""
+        store = cast(EventStoreLike, self)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise TypeError(f"version must be an int (got {type(version).__name__}).")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data must be bytes (got {type(data).__name__}).")
+        current = store.stream_version(stream)
+        if version < 0 or current is None or version > current:
+            raise ValueError(
+                f"version must be a version stream '{stream}' holds, from 0 to its last "
+                f"({current}) (got {version})."
+            )
+        store.append(
+            _snapshot_stream(stream), [NewEvent("Snapshot", bytes(data), str(version).encode())]
+        )
+
+    def load_snapshot(self, stream: str) -> Snapshot | None:
+        """The newest snapshot of ``stream``, or None."""
+        store = cast(EventStoreLike, self)
+        newest = store.read_stream(_snapshot_stream(stream), backwards=True, limit=1)
+        if not newest:
+            return None
+        return Snapshot(stream, int(newest[0].metadata), newest[0].data)
+
+    def read_from_snapshot(self, stream: str) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        """The newest snapshot of ``stream`` (or None) and the events after it."""
+        store = cast(EventStoreLike, self)
+        snapshot = self.load_snapshot(stream)
+        start = 0 if snapshot is None else snapshot.version + 1
+        return snapshot, store.read_stream(stream, start)
+
+
+class EventStore(_core.EventStore, Snapshots):
     """Streams of events with per-stream versions and one global order.
 
     ``path=None`` keeps the store in memory. With a directory, events go to a durable log:
