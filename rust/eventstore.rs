@@ -172,6 +172,8 @@ struct State {
     leader_waiting: bool,
     /// An appender is writing a group (the others wait on `committed`).
     leader_active: bool,
+    /// Threads waiting on `committed`.
+    sleepers: usize,
     /// Called once when events past their position become visible (or the store closes or
     /// fails): how asyncio subscribers learn of new events without a thread each.
     watchers: Vec<(u64, Watcher)>,
@@ -434,10 +436,7 @@ impl EventStore {
         }
         if self.fsync.is_none() {
             state.visible = position;
-            let due = state.due_watchers();
-            drop(state);
-            self.committed.notify_all();
-            call_all(due);
+            self.announce(state);
         }
         Ok((results, position))
     }
@@ -458,10 +457,7 @@ impl EventStore {
             }
             if state.leader_active || state.closed {
                 // Another appender is writing (or close() is): its write may hold this record.
-                state = self
-                    .committed
-                    .wait(state)
-                    .unwrap_or_else(|p| p.into_inner());
+                state = self.sleep(state, None);
                 continue;
             }
             // This appender leads the next group: it writes what is queued, its own included.
@@ -511,12 +507,45 @@ impl EventStore {
                     ));
                 }
             }
-            let due = state.due_watchers();
-            drop(state);
-            self.committed.notify_all();
-            call_all(due);
+            self.announce(state);
             state = self.lock();
         }
+    }
+
+    /// Waits for `committed` (at most `timeout`), counted so that announcing a change costs
+    /// nothing when nobody waits.
+    fn sleep<'a>(
+        &self,
+        mut state: MutexGuard<'a, State>,
+        timeout: Option<Duration>,
+    ) -> MutexGuard<'a, State> {
+        state.sleepers += 1;
+        let mut state = match timeout {
+            None => self
+                .committed
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner()),
+            Some(timeout) => {
+                self.committed
+                    .wait_timeout(state, timeout)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+        };
+        state.sleepers -= 1;
+        state
+    }
+
+    /// Releases the state after a change readers may wait for, and wakes them: sleepers
+    /// (only when there are some, as a wake-up is a system call) and due watchers.
+    fn announce(&self, mut state: MutexGuard<'_, State>) {
+        let due = state.due_watchers();
+        let sleepers = state.sleepers > 0;
+        drop(state);
+        if sleepers {
+            self.committed.notify_all();
+        }
+        call_all(due);
     }
 
     /// A group-commit leader's short wait for company: when the last group held several
@@ -630,11 +659,7 @@ impl EventStore {
                     deadline - now
                 }
             };
-            state = self
-                .committed
-                .wait_timeout(state, wait)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state = self.sleep(state, Some(wait));
         }
     }
 
@@ -690,10 +715,7 @@ impl EventStore {
         state.closed = true;
         self.staged.notify_all();
         while state.leader_active {
-            state = self
-                .committed
-                .wait(state)
-                .unwrap_or_else(|p| p.into_inner());
+            state = self.sleep(state, None);
         }
         drop(state);
         let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
@@ -719,11 +741,8 @@ impl EventStore {
             }
         }
         *writer = None;
-        let due = state.due_watchers();
-        drop(state);
         drop(writer);
-        self.committed.notify_all();
-        call_all(due);
+        self.announce(state);
         result
     }
 }
