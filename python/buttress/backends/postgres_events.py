@@ -477,9 +477,12 @@ class PostgresEventStore(Snapshots):
         """Closes the pool and the listener; subscriptions end."""
         if self._closed:
             return
-        self._closed = True
+        with self._listener_lock:
+            # Under the lock: a listener being started is started before this reads it, and
+            # no new one starts once the store is closed.
+            self._closed = True
+            listener = self._listener
         self._saw(self._head_seen)
-        listener = self._listener
         if listener is not None:
             listener.join(2.0)
         self.pool.close()

@@ -92,20 +92,19 @@ def applies(*event_types: type[Event]) -> Callable[[F], F]:
     return mark
 
 
-def _type_name(event_type: type[Event]) -> str:
-    base = event_type.__qualname__
-    return base if event_type.schema_version == 1 else f"{base}@{event_type.schema_version}"
+class _Stored(dict[type[Event], tuple[str, bytes]]):
+    """Each event class's stored type name and metadata, worked out once. The type name is the
+    class's qualified name whatever its schema version, so filters by type keep working when a
+    class changes shape; a version above 1 goes in the metadata."""
+
+    def __missing__(self, event_type: type[Event]) -> tuple[str, bytes]:
+        version = event_type.schema_version
+        metadata = b"" if version == 1 else _ENCODER.encode({"schema_version": version})
+        stored = self[event_type] = (event_type.__qualname__, metadata)
+        return stored
 
 
-class _TypeNames(dict[type[Event], str]):
-    """Each event class's stored type name, worked out once."""
-
-    def __missing__(self, event_type: type[Event]) -> str:
-        name = self[event_type] = _type_name(event_type)
-        return name
-
-
-_TYPE_NAMES = _TypeNames()
+_STORED = _Stored()
 
 
 class Aggregate:
@@ -116,6 +115,10 @@ class Aggregate:
     ``version`` is the version of the last event applied (None before any), as in the store.
     The stream of an aggregate is ``f"{stream_prefix}-{id}"``; ``stream_prefix`` defaults to
     the class name.
+
+    A repository rebuilds an aggregate without calling ``__init__`` (only the events make its
+    state), so keep state out of ``__init__``: set it in the method that applies the first
+    event, as the example above does.
     """
 
     stream_prefix: ClassVar[str] = ""
@@ -156,7 +159,8 @@ class Aggregate:
         event_type = type(event)
         self._apply(event)
         self._pending.append(event)
-        self._pending_new.append(NewEvent(_TYPE_NAMES[event_type], _ENCODER.encode(event)))
+        name, metadata = _STORED[event_type]
+        self._pending_new.append(NewEvent(name, _ENCODER.encode(event), metadata))
 
     @property
     def pending_events(self) -> tuple[Event, ...]:
@@ -206,23 +210,31 @@ class _Decoders:
 
     def __init__(self, aggregate: type[Aggregate]) -> None:
         self._aggregate = aggregate
-        self._typed: dict[str, Callable[[bytes], Event]] = {}
+        self._typed: dict[tuple[str, bytes], Callable[[bytes], Event]] = {}
 
     def decode(self, event: RecordedEvent) -> Event:
-        decode = self._typed.get(event.type)
+        key = (event.type, event.metadata)
+        decode = self._typed.get(key)
         if decode is None:
-            decode = self._typed[event.type] = self._decoder(event.type)
+            decode = self._typed[key] = self._decoder(*key)
         return decode(event.data)
 
-    def _decoder(self, stored: str) -> Callable[[bytes], Event]:
-        name, _, version_text = stored.partition("@")
-        event_type = self._aggregate._event_types.get(name)
+    def _decoder(self, stored: str, metadata: bytes) -> Callable[[bytes], Event]:
+        event_type = self._aggregate._event_types.get(stored)
         if event_type is None:
             raise TypeError(
                 f"Stored event type {stored!r} is not applied by "
                 f"{self._aggregate.__qualname__}; add an @applies method for it."
             )
-        stored_version = int(version_text) if version_text else 1
+        stored_version = 1
+        if metadata:
+            try:
+                stored_version = int(msgspec.json.decode(metadata)["schema_version"])
+            except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+                raise TypeError(
+                    f"Stored event type {stored!r} has metadata this repository did not write "
+                    f"({metadata[:60]!r}); it cannot tell the event's schema version."
+                ) from None
         current = event_type.schema_version
         if stored_version == current:
             return msgspec.json.Decoder(event_type).decode
@@ -339,6 +351,10 @@ class Repository(Generic[A]):
     def get(self, aggregate_id: str, *, version: int | None = None) -> A:
         """The aggregate rebuilt from its events (from its newest snapshot on, when there is
         one), or as it was at ``version``. Raises ``AggregateNotFoundError``."""
+        if version is not None and (
+            not isinstance(version, int) or isinstance(version, bool) or version < 0
+        ):
+            raise ValueError(f"version must be a version from 0, or None (got {version!r}).")
         stream = self.stream_of(aggregate_id)
         aggregate = self.aggregate.__new__(self.aggregate)
         _initialise(aggregate, aggregate_id)

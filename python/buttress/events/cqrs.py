@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -217,8 +218,10 @@ class RetryOnConflict:
     def __init__(self, attempts: int = 3, backoff: float = 0.01) -> None:
         if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
             raise ValueError(f"attempts must be a whole number from 1 (got {attempts!r}).")
-        if not isinstance(backoff, (int, float)) or backoff < 0:
-            raise ValueError(f"backoff must be a number of seconds from 0 (got {backoff!r}).")
+        if not isinstance(backoff, (int, float)) or not 0 <= backoff < math.inf:
+            raise ValueError(
+                f"backoff must be a finite number of seconds from 0 (got {backoff!r})."
+            )
         self.attempts = attempts
         self.backoff = float(backoff)
 

@@ -53,11 +53,14 @@ CHECKPOINTS = "buttress_projection_checkpoints"
 class Projection:
     """A read model. Subclasses set ``name`` (unique per database) and implement ``setup``
     and ``handle``; ``reset`` (empty the read model) makes ``rebuild`` possible.
-    ``stream_prefix`` and ``event_types`` limit the events it is given."""
+    ``stream_prefix`` and ``event_types`` limit the events it is given. Events of system
+    streams (names starting with ``$``, such as snapshots) are left out unless
+    ``system_streams`` is True."""
 
     name: ClassVar[str] = ""
     stream_prefix: ClassVar[str | None] = None
     event_types: ClassVar[frozenset[str] | None] = None
+    system_streams: ClassVar[bool] = False
 
     def setup(self, conn: Any) -> None:
         """Creates the read model's tables (idempotently), inside the setup transaction."""
@@ -147,6 +150,9 @@ class ProjectionRunner:
 
     def _setup(self) -> int:
         with self._transaction() as conn:
+            if not self._sqlite:
+                # Runners starting together on a new database would race to create the table.
+                conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (CHECKPOINTS,))
             conn.execute(
                 f"create table if not exists {CHECKPOINTS} "
                 "(name text primary key, position bigint not null)"
@@ -192,28 +198,40 @@ class ProjectionRunner:
         applied = 0
         wait = timeout
         while not (stoppable and self._stopping.is_set()):
+            start = self._position
             events, next_position = self.store.poll(
-                self._position,
+                start,
                 self.batch_size,
                 wait,
                 self.projection.stream_prefix,
                 None if self.projection.event_types is None else set(self.projection.event_types),
             )
-            if next_position == self._position:
+            if next_position == start:
                 break
-            applied += self._apply(events, next_position)
+            applied += self._apply(start, events, next_position)
             wait = 0
         return applied
 
-    def _apply(self, events: Sequence[RecordedEvent], next_position: int) -> int:
+    def _apply(self, start: int, events: Sequence[RecordedEvent], next_position: int) -> int:
+        """Applies a batch read from ``start`` up to ``next_position``, from the stored
+        checkpoint on: another runner may have applied part of it already, and a batch read
+        before the checkpoint moved back (a rebuild) is dropped and read again."""
+        system = self.projection.system_streams
         with self._lock, self._transaction() as conn:
             checkpoint = self._checkpoint(conn)
-            # Another runner on this database may have applied some of them already.
-            todo = [event for event in events if event.position >= checkpoint]
-            for event in todo:
-                self.projection.handle(conn, event)
-            position = max(checkpoint, next_position)
-            self._move_checkpoint(conn, position)
+            if checkpoint < start:
+                todo: list[RecordedEvent] = []
+                position = checkpoint
+            else:
+                todo = [
+                    event
+                    for event in events
+                    if event.position >= checkpoint and (system or event.stream[:1] != "$")
+                ]
+                for event in todo:
+                    self.projection.handle(conn, event)
+                position = max(checkpoint, next_position)
+                self._move_checkpoint(conn, position)
         with self._applied:
             self._position = position
             self._applied.notify_all()
