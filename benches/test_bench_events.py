@@ -7,7 +7,10 @@ Both sides model the same user aggregate (registered, then renamed) and do the s
 - events-append-sqlite: one event and one save, durable: eventsourcing's SQLite recorder (WAL,
   a sync per commit) beside buttress's log with a sync per append;
 - events-durable: appends from 1 and 4 threads to buttress's log, a sync per append
-  (fsync="always") beside group commit (fsync="group").
+  (fsync="always") beside group commit (fsync="group");
+- events-append-postgres: one event and one save on a PostgreSQL server (BUTTRESS_POSTGRES_URL):
+  buttress's Repository over PostgresEventStore beside eventsourcing's PostgreSQL persistence,
+  each on tables of its own that are dropped afterwards (skipped when no server answers).
 
 Every check reads the store back and counts what was saved, so a case that lost or doubled an
 event fails its check.
@@ -15,20 +18,25 @@ event fails its check.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
 from _harness import BUTTRESS, Bench, Case, Counts, Crowd, Made, registrar
 from buttress import NewEvent
+from buttress.backends.postgres_events import PostgresEventStore
 from buttress.events.aggregate import Aggregate, Event, Repository, applies
 from buttress.events.store import EventStore
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate as EsAggregate
 from eventsourcing.domain import event as es_event
+from psycopg.conninfo import conninfo_to_dict
 
 ES = "eventsourcing"
 
@@ -78,7 +86,9 @@ def _sqlite_app(folder: str) -> Application:
 
 
 def _buttress_saves(
-    store: EventStore, per_save: int, cleanup: Callable[[], None] | None = None
+    store: EventStore | PostgresEventStore,
+    per_save: int,
+    cleanup: Callable[[], None] | None = None,
 ) -> Made:
     users = Repository(store, User)
     user = User.register("ada", "Ada")
@@ -341,3 +351,112 @@ def _() -> Made:
 @pytest.mark.parametrize("case", DURABLE, ids=lambda case: case.id)
 def test_events_durable(bench: Bench, case: Case) -> None:
     bench(case, expect=4 * APPENDS_PER_THREAD)
+
+
+# --- events-append-postgres: one event per save on a PostgreSQL server -----------------------
+
+POSTGRES_URL = os.environ.get("BUTTRESS_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+# Every table, function and schema made here is named from this, so none outlives the run.
+PG_NAMES = f"bench_events_{uuid.uuid4().hex[:8]}"
+POSTGRES_COUNTS = Counts(
+    rounds=20, iterations=10, warmup_rounds=2, interleaved_rounds=20, interleaved_calls=10
+)
+POSTGRES: list[Case] = []
+add_postgres = registrar(POSTGRES, POSTGRES_COUNTS)
+_postgres_answers: bool | None = None
+
+
+def _require_postgres() -> None:
+    global _postgres_answers
+    if _postgres_answers is None:
+        try:
+            psycopg.connect(POSTGRES_URL, connect_timeout=2).close()
+            _postgres_answers = True
+        except psycopg.OperationalError:
+            _postgres_answers = False
+    if not _postgres_answers:
+        pytest.skip(f"PostgreSQL does not answer at {POSTGRES_URL} (BUTTRESS_POSTGRES_URL)")
+
+
+def _admin(*statements: str) -> None:
+    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as admin:
+        for statement in statements:
+            admin.execute(statement)
+
+
+def _drop_prefix(prefix: str) -> None:
+    _admin(
+        f"drop table if exists {prefix}_events, {prefix}_head cascade",
+        f"drop function if exists {prefix}_append",
+    )
+
+
+def _drop_everything_made_here() -> None:
+    """The safety net for a case whose check never ran (its body failed): at exit, whatever is
+    still named from PG_NAMES goes."""
+    if not _postgres_answers:
+        return
+    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as admin:
+        schemas = admin.execute(
+            "select nspname from pg_namespace where starts_with(nspname, %s)", (PG_NAMES,)
+        ).fetchall()
+        for (schema,) in schemas:
+            admin.execute(f"drop schema if exists {schema} cascade")
+        tables = admin.execute(
+            "select relname from pg_class where relkind = 'r' and starts_with(relname, %s)",
+            (PG_NAMES,),
+        ).fetchall()
+        for (table,) in tables:
+            admin.execute(f"drop table if exists {table} cascade")
+        functions = admin.execute(
+            "select proname from pg_proc where starts_with(proname, %s)", (PG_NAMES,)
+        ).fetchall()
+        for (function,) in functions:
+            admin.execute(f"drop function if exists {function}")
+
+
+atexit.register(_drop_everything_made_here)
+
+
+def _eventsourcing_env(schema: str) -> dict[str, str]:
+    """eventsourcing's PostgreSQL settings (9.x names) for POSTGRES_URL, in a schema of its own."""
+    params = conninfo_to_dict(POSTGRES_URL)
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": str(params.get("dbname", "postgres")),
+        "POSTGRES_HOST": str(params.get("host", "127.0.0.1")),
+        "POSTGRES_PORT": str(params.get("port", "5432")),
+        "POSTGRES_USER": str(params.get("user", "postgres")),
+        "POSTGRES_PASSWORD": str(params.get("password", "")),
+        "POSTGRES_SCHEMA": schema,
+    }
+
+
+@add_postgres(BUTTRESS, "trigger + Repository.save (PostgresEventStore)")
+def _() -> Made:
+    prefix = f"{PG_NAMES}_{uuid.uuid4().hex[:8]}"
+    try:
+        store = PostgresEventStore(POSTGRES_URL, table_prefix=prefix, max_size=1)
+    except BaseException:
+        _drop_prefix(prefix)
+        raise
+    return _buttress_saves(store, 1, lambda: _drop_prefix(prefix))
+
+
+@add_postgres(ES, "method + Application.save (PostgreSQL)")
+def _() -> Made:
+    schema = f"{PG_NAMES}_{uuid.uuid4().hex[:8]}"
+    _admin(f"create schema {schema}")
+    try:
+        app = Application(env=_eventsourcing_env(schema))
+    except BaseException:
+        _admin(f"drop schema if exists {schema} cascade")
+        raise
+    return _es_saves(app, 1, lambda: _admin(f"drop schema if exists {schema} cascade"))
+
+
+@pytest.mark.benchmark(group="events-append-postgres")
+@pytest.mark.parametrize("case", POSTGRES, ids=lambda case: case.id)
+def test_events_append_postgres(bench: Bench, case: Case) -> None:
+    _require_postgres()
+    bench(case, expect=True)

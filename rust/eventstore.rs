@@ -309,17 +309,7 @@ impl EventStore {
         if let Some(reason) = &state.failed {
             return Err(StoreError::Failed(reason.clone()));
         }
-        let known = requests
-            .iter()
-            .flat_map(|request| &request.events)
-            .any(|event| state.ids.contains_key(&event.id));
-        if known {
-            // A retry returns what the original got; any other reuse of an id is refused.
-            let replayed = replay(&state, &requests)?;
-            let end = replayed.iter().map(|r| r.position + 1).max().unwrap_or(0);
-            return Ok((replayed, end));
-        }
-        // From here no event id of this append is stored yet.
+        // The append's shape first: a retry must be a well-formed append too.
         let several_events = requests.len() > 1 || requests[0].events.len() > 1;
         let mut seen_ids = FastSet::default();
         for (index, request) in requests.iter().enumerate() {
@@ -345,6 +335,19 @@ impl EventStore {
                     }
                 }
             }
+        }
+        let known = requests
+            .iter()
+            .flat_map(|request| &request.events)
+            .any(|event| state.ids.contains_key(&event.id));
+        if known {
+            // A retry returns what the original got; any other reuse of an id is refused.
+            let replayed = replay(&state, &requests)?;
+            let end = replayed.iter().map(|r| r.position + 1).max().unwrap_or(0);
+            return Ok((replayed, end));
+        }
+        // From here no event id of this append is stored yet.
+        for request in &requests {
             let actual = state
                 .streams
                 .get(&request.stream)

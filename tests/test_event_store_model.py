@@ -8,10 +8,12 @@ streams forwards and backwards and the whole log, from any version or position, 
 After every step the head, the streams, every stream's version and the whole log agree with the
 model.
 
-It runs on the in-memory store and on the durable store under each fsync policy, with a small
-segment size so the log rolls over several segments; the durable machines also close and
-reopen the store, which must come back with exactly what the model holds (ids included, so a
-retry after the reopen still answers the original results).
+It runs on the in-memory store, on the durable store under each fsync policy (with a small
+segment size so the log rolls over several segments) and on ``PostgresEventStore``; the durable
+and PostgreSQL machines also close and reopen the store, which must come back with exactly what
+the model holds (ids included, so a retry after the reopen still answers the original results).
+Each PostgreSQL run gets tables of its own (a fresh ``table_prefix``), dropped after the run
+however it ends; a reopen there closes the store and constructs a new one on the same prefix.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import tempfile
 import uuid
 from typing import Any
 
+import psycopg
 import pytest
 from buttress import (
     DuplicateEventError,
@@ -30,6 +33,7 @@ from buttress import (
     RecordedEvent,
     WrongExpectedVersionError,
 )
+from buttress.backends.postgres_events import PostgresEventStore
 from event_store_model import (
     Appended,
     Duplicate,
@@ -50,6 +54,7 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
+    run_state_machine_as_test,
 )
 
 STREAMS = ["a", "b", "order-1", "ünï"]
@@ -88,9 +93,9 @@ class EventStoreMachine(RuleBasedStateMachine):
         self.next_id = 1
         # Every accepted append, as built (the same NewEvent objects are reused to retry).
         self.done: list[tuple[bool, list[tuple[str, list[NewEvent], Expected]]]] = []
-        self.store: EventStore | None = None
+        self.store: EventStore | PostgresEventStore | None = None
 
-    def open_store(self) -> EventStore:
+    def open_store(self) -> EventStore | PostgresEventStore:
         raise NotImplementedError
 
     @initialize()
@@ -141,6 +146,16 @@ class EventStoreMachine(RuleBasedStateMachine):
             return self.store.append(stream, events, expected)
         except (WrongExpectedVersionError, DuplicateEventError, ValueError) as error:
             return error
+
+    def run_raw(self, many: bool, requests: list[tuple[str, Any, Any]]) -> Any:
+        """Calls the store and lets any exception out."""
+        assert self.store is not None
+        if many:
+            return self.store.append_many(
+                [(s, ev, None if e == "omit" else e) for s, ev, e in requests]
+            )
+        ((stream, events, expected),) = requests
+        return self.store.append(stream, events, None if expected == "omit" else expected)
 
     def check(self, outcome: Outcome, many: bool, got: Any) -> None:
         if isinstance(outcome, Appended):
@@ -345,14 +360,54 @@ class DurableMachine(EventStoreMachine):
         assert self.store.recovered_truncated_bytes == 0
         assert self.store.fsync == self.fsync
 
-    def run_raw(self, many: bool, requests: list[tuple[str, Any, Any]]) -> Any:
-        assert self.store is not None
-        if many:
-            return self.store.append_many(
-                [(s, ev, None if e == "omit" else e) for s, ev, e in requests]
-            )
-        ((stream, events, expected),) = requests
-        return self.store.append(stream, events, None if expected == "omit" else expected)
+
+class PostgresMachine(EventStoreMachine):
+    """The PostgreSQL store, on tables of its own for each run (``url`` is set by the test)."""
+
+    url = ""
+
+    def open_store(self) -> PostgresEventStore:
+        self.prefix = f"{PG_PREFIX}_{uuid.uuid4().hex[:12]}"
+        _pg_prefixes.append(self.prefix)
+        return self.connect()
+
+    def connect(self) -> PostgresEventStore:
+        return PostgresEventStore(self.url, table_prefix=self.prefix, max_size=2)
+
+    def teardown(self) -> None:
+        try:
+            super().teardown()
+        finally:
+            if getattr(self, "prefix", None):
+                drop_pg_tables(self.url, self.prefix)
+
+    @rule(data=st.data())
+    def close_and_reopen(self, data: st.DataObject) -> None:
+        store = self.store
+        assert store is not None
+        store.close()
+        assert store.closed
+        # A closed store refuses appends, even exact retries. (Unlike EventStore, whose
+        # events stay in memory, it refuses reads too: its connections are gone.)
+        event, _ = self.new_event(data)
+        with pytest.raises(EventStoreClosedError):
+            store.append("a", [event])
+        if self.done:
+            many, requests = self.done[-1]
+            with pytest.raises(EventStoreClosedError):
+                self.run_raw(many, requests)
+        with pytest.raises(EventStoreClosedError):
+            store.read_all()
+        self.store = self.connect()
+
+    @rule()
+    def a_second_store_sees_the_same(self) -> None:
+        """Another store object on the same tables (as another process would open them) sees
+        exactly what the model holds; opening it changes nothing."""
+        with self.connect() as other:
+            assert other.head == self.model.head
+            assert [recorded(e) for e in other.read_all()] == self.model.events
+            assert other.streams() == self.model.stream_names()
 
 
 class AlwaysMachine(DurableMachine):
@@ -378,6 +433,67 @@ TestDurableGroup = GroupMachine.TestCase
 TestDurableGroup.settings = DURABLE
 TestDurableNever = NeverMachine.TestCase
 TestDurableNever.settings = DURABLE
+
+# -- PostgreSQL ---------------------------------------------------------------------------------
+
+# Every run's tables are named from this, so the end of the test can check that none is left.
+PG_PREFIX = f"bt_model_{uuid.uuid4().hex[:8]}"
+_pg_prefixes: list[str] = []
+# A step is a few round trips to the server (the invariant alone makes about ten), and each run
+# creates and drops its tables (about 0.3 s a run in all): a third of the profile's runs, and
+# shorter runs, keep this test within seconds locally and well within the timeout in CI.
+POSTGRES_SETTINGS = settings(
+    max_examples=max(10, settings.default.max_examples // 3),
+    stateful_step_count=25,
+    suppress_health_check=[HealthCheck.too_slow],
+    deadline=None,
+)
+
+
+def drop_pg_tables(url: str, prefix: str) -> None:
+    """Drops what a PostgresEventStore made for `prefix`, first ending any session still using
+    it (a store a failed run left open must not hold the drop up)."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("set lock_timeout = '10s'")
+        admin.execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity "
+            "where pid <> pg_backend_pid() and datname = current_database() "
+            "and position(%s in query) > 0",
+            (prefix,),
+        )
+        admin.execute(f"drop table if exists {prefix}_events, {prefix}_head cascade")
+        admin.execute(f"drop function if exists {prefix}_append")
+
+
+def pg_leftovers(url: str, prefix: str) -> list[str]:
+    """Tables and functions on the server whose names start with `prefix`."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        rows = admin.execute(
+            "select relname from pg_class where starts_with(relname, %s) "
+            "union all select proname from pg_proc where starts_with(proname, %s)",
+            (prefix, prefix),
+        ).fetchall()
+    return sorted(str(name) for (name,) in rows)
+
+
+def test_postgres_store(postgres_url: str) -> None:
+    """The same machine on PostgresEventStore (skips when no server answers)."""
+
+    class Machine(PostgresMachine):
+        url = postgres_url
+
+    try:
+        run_state_machine_as_test(Machine, settings=POSTGRES_SETTINGS)
+    finally:
+        # Every run drops its tables in its teardown; whatever one left is dropped here, and
+        # fails the test.
+        left = pg_leftovers(postgres_url, PG_PREFIX)
+        for prefix in _pg_prefixes:
+            if any(name.startswith(f"{prefix}_") for name in left):
+                drop_pg_tables(postgres_url, prefix)
+    assert _pg_prefixes, "no run opened a store"
+    assert left == [], "a run left its tables behind"
+    assert pg_leftovers(postgres_url, PG_PREFIX) == []
 
 
 def test_model_retries_and_refusals() -> None:

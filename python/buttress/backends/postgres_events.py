@@ -16,12 +16,14 @@ AppendResult(version=0, position=0)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -31,6 +33,7 @@ from buttress.backends.postgres import postgres_pool
 from buttress.errors import (
     DuplicateEventError,
     EventStoreClosedError,
+    PoolClosedError,
     WrongExpectedVersionError,
 )
 from buttress.events.store import ExpectedVersion, Snapshots, Subscription
@@ -40,6 +43,7 @@ __all__ = ["PostgresEventStore"]
 _PREFIX = re.compile(r"[a-z_][a-z0-9_]{0,40}")
 _SENTINELS = {"any": -1, "no_stream": -2, "stream_exists": -3}
 _NAMES = {value: name for name, value in _SENTINELS.items()}
+_BIGGEST = 2**63 - 1  # PostgreSQL's bigint
 _WRONG_VERSION = "BT001"
 _DUPLICATE = "BT002"
 
@@ -208,7 +212,13 @@ class PostgresEventStore(Snapshots):
         appends: Iterable[tuple[str, NewEvent | Iterable[NewEvent], ExpectedVersion | None]],
     ) -> list[AppendResult]:
         """Appends to several streams atomically."""
-        return self._append(list(appends))
+        try:
+            requests = list(appends)
+        except TypeError:
+            raise TypeError(
+                "appends must be an iterable of (stream, events, expected_version) tuples."
+            ) from None
+        return self._append(requests)
 
     def _append(
         self,
@@ -242,6 +252,11 @@ class PostgresEventStore(Snapshots):
             expected.append(_expected(wanted))
             counts.append(len(batch))
             for event in batch:
+                if "\x00" in event.type:
+                    raise ValueError(
+                        "An event's type must not contain NUL characters: PostgreSQL text "
+                        "cannot hold them."
+                    )
                 ids.append(event.id)
                 types.append(event.type)
                 data.append(event.data)
@@ -252,14 +267,23 @@ class PostgresEventStore(Snapshots):
                 str(duplicate), "The same event id appears twice in one append."
             )
         try:
-            with self.pool.connection() as conn:
+            with self._connection() as conn:
                 rows = conn.execute(
                     f"select out_version, out_position from {self._prefix}_append("
                     "%s, %s, %s, %s, %s, %s, %s, %s)",
-                    (streams, expected, counts, ids, types, data, metadata, time.time()),
+                    (
+                        streams,
+                        [min(wanted, _BIGGEST) for wanted in expected],
+                        counts,
+                        ids,
+                        types,
+                        data,
+                        metadata,
+                        time.time(),
+                    ),
                 ).fetchall()
         except psycopg.Error as error:
-            raise _translate(error) from None
+            raise _translate(error, dict(zip(streams, expected, strict=True))) from None
         return [_result(version, position) for version, position in rows]
 
     def read_stream(
@@ -273,8 +297,8 @@ class PostgresEventStore(Snapshots):
         """A stream's events from ``from_version``, forwards or backwards."""
         self._check_open()
         _check_stream(stream)
-        _check_count("from_version", from_version)
-        _check_count("limit", limit)
+        from_version = _check_count("from_version", from_version)
+        limit = _check_count("limit", limit)
         if backwards:
             condition = "" if from_version is None else " and version <= %(from)s"
             order = "desc"
@@ -292,17 +316,27 @@ class PostgresEventStore(Snapshots):
     ) -> list[RecordedEvent]:
         """Every stream's events in global order, from ``from_position``."""
         self._check_open()
-        _check_count("from_position", from_position)
-        _check_count("limit", limit)
+        from_position = _check_count("from_position", from_position)
+        limit = _check_count("limit", limit)
         return self._select(
             "where position >= %(from)s order by position", {"from": from_position or 0}, limit
         )
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection; a pool closed by close() under a running call means the store
+        is closed."""
+        try:
+            with self.pool.connection() as conn:
+                yield conn
+        except PoolClosedError:
+            raise EventStoreClosedError() from None
 
     def _select(
         self, where: str, parameters: dict[str, Any], limit: int | None
     ) -> list[RecordedEvent]:
         bounded = "" if limit is None else " limit %(limit)s"
-        with self.pool.connection() as conn:
+        with self._connection() as conn:
             rows = conn.execute(
                 "select stream, version, position, type, data, metadata, id, timestamp "
                 f"from {self._prefix}_events {where}{bounded}",
@@ -314,7 +348,7 @@ class PostgresEventStore(Snapshots):
         """The version of a stream's last event, or None when it has none."""
         self._check_open()
         _check_stream(stream)
-        with self.pool.connection() as conn:
+        with self._connection() as conn:
             row = conn.execute(
                 f"select max(version) from {self._prefix}_events where stream = %s", (stream,)
             ).fetchone()
@@ -323,7 +357,7 @@ class PostgresEventStore(Snapshots):
     def streams(self) -> list[str]:
         """The names of the streams that have events, sorted."""
         self._check_open()
-        with self.pool.connection() as conn:
+        with self._connection() as conn:
             rows = conn.execute(
                 f"select distinct stream from {self._prefix}_events order by stream"
             ).fetchall()
@@ -333,7 +367,7 @@ class PostgresEventStore(Snapshots):
     def head(self) -> int:
         """The position the next event will get."""
         self._check_open()
-        with self.pool.connection() as conn:
+        with self._connection() as conn:
             row = conn.execute(f"select position from {self._prefix}_head where id = 1").fetchone()
         assert row is not None
         return int(row[0])
@@ -348,6 +382,12 @@ class PostgresEventStore(Snapshots):
     ) -> tuple[list[RecordedEvent], int]:
         """Up to ``limit`` matching events from ``from_position``, and where to continue;
         waits up to ``timeout`` seconds (None: forever) while there are none."""
+        if timeout is not None and not 0 <= timeout < math.inf:
+            raise ValueError(
+                f"timeout must be a number of seconds from 0, or None (got {timeout})."
+            )
+        from_position = _check_count("from_position", from_position) or 0
+        limit = max(1, _check_count("limit", limit) or 1)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._check_open()
@@ -525,13 +565,16 @@ def _check_stream(stream: object) -> None:
         raise ValueError("stream must not contain NUL characters: PostgreSQL text cannot.")
 
 
-def _check_count(argument: str, value: object) -> None:
+def _check_count(argument: str, value: object) -> int | None:
+    """A version, position or limit as EventStore takes it (0 to 2**64 - 1), brought within a
+    bigint: no stored version or position is that large, so the answer is the same."""
     if value is None:
-        return
+        return None
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{argument} must be a whole number or None (got {value!r}).")
-    if value < 0:
-        raise ValueError(f"{argument} must be 0 or more (got {value}).")
+    if not 0 <= value < 2**64:
+        raise ValueError(f"{argument} must be from 0 to 2**64 - 1 (got {value}).")
+    return min(value, _BIGGEST)
 
 
 def _expected(value: object) -> int:
@@ -539,7 +582,9 @@ def _expected(value: object) -> int:
         return -1
     if isinstance(value, str) and value in _SENTINELS:
         return _SENTINELS[value]
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+    # Up to 2**64 - 1, as EventStore takes; past a bigint no stream is there, which the
+    # append function (given the largest bigint) reports as a conflict.
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64:
         return value
     raise ValueError(
         "expected_version must be a version from 0 up, or 'any', 'no_stream' or "
@@ -547,10 +592,10 @@ def _expected(value: object) -> int:
     )
 
 
-def _translate(error: psycopg.Error) -> Exception:
+def _translate(error: psycopg.Error, expected: dict[str, int]) -> Exception:
     if error.sqlstate == _WRONG_VERSION and error.diag.message_detail:
         detail = json.loads(error.diag.message_detail)
-        wanted = int(detail["expected"])
+        wanted = expected.get(detail["stream"], int(detail["expected"]))
         return WrongExpectedVersionError(
             detail["stream"], _NAMES.get(wanted, str(wanted)), detail["actual"]
         )
