@@ -183,6 +183,16 @@ struct State {
 pub type Watcher = Box<dyn FnOnce() + Send>;
 
 impl State {
+    /// Adds an event, placed at the end of the log, to the log and its indexes.
+    fn index(&mut self, event: Arc<StoredEvent>) {
+        self.streams
+            .entry(event.stream.clone())
+            .or_default()
+            .push(event.position);
+        self.ids.insert(event.id, event.position);
+        self.events.push(event);
+    }
+
     /// The watchers that are due, taken out to be called once the lock is released.
     fn due_watchers(&mut self) -> Vec<Watcher> {
         if self.watchers.is_empty() {
@@ -244,14 +254,7 @@ impl EventStore {
         let (writer, recovered) = LogWriter::open(dir, max_segment).map_err(StoreError::Log)?;
         let mut state = State::default();
         for event in recovered.events {
-            let event = Arc::new(event);
-            state
-                .streams
-                .entry(event.stream.clone())
-                .or_default()
-                .push(event.position);
-            state.ids.insert(event.id, event.position);
-            state.events.push(event);
+            state.index(Arc::new(event));
         }
         state.visible = state.events.len() as u64;
         state.append_starts = recovered.appends;
@@ -429,13 +432,7 @@ impl EventStore {
         }
         state.append_starts.push(first);
         for event in placed {
-            state
-                .streams
-                .entry(event.stream.clone())
-                .or_default()
-                .push(event.position);
-            state.ids.insert(event.id, event.position);
-            state.events.push(event);
+            state.index(event);
         }
         if self.fsync.is_none() {
             state.visible = position;

@@ -15,7 +15,6 @@ AppendResult(version=0, position=0)
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import math
@@ -36,7 +35,7 @@ from buttress.errors import (
     PoolClosedError,
     WrongExpectedVersionError,
 )
-from buttress.events.store import ExpectedVersion, Snapshots, Subscription
+from buttress.events.store import ExpectedVersion, StoreMethods
 
 __all__ = ["PostgresEventStore"]
 
@@ -145,7 +144,7 @@ $$;
 """
 
 
-class PostgresEventStore(Snapshots):
+class PostgresEventStore(StoreMethods):
     """``EventStore``'s API on PostgreSQL. ``pool_options`` go to ``postgres_pool``.
 
     Tables and the append function are named from ``table_prefix`` (lower-case letters, digits
@@ -420,17 +419,6 @@ class PostgresEventStore(Snapshots):
                 return found, from_position
             self._wait_for_head(from_position, left)
 
-    def subscribe(
-        self,
-        from_position: int = 0,
-        *,
-        stream_prefix: str | None = None,
-        event_types: Iterable[str] | None = None,
-        batch_size: int = 256,
-    ) -> Subscription:
-        """A catch-up subscription, as ``EventStore.subscribe``."""
-        return Subscription(self, from_position, stream_prefix, event_types, batch_size)
-
     # -- waiting for new events: one LISTEN connection per store -------------------------------
 
     def _wait_for_head(self, position: int, timeout: float | None) -> None:
@@ -491,28 +479,6 @@ class PostgresEventStore(Snapshots):
         for callback in due:
             callback()
 
-    # -- asyncio twins: the calls block on the server, so they run on a worker thread ----------
-
-    async def append_async(
-        self,
-        stream: str,
-        events: NewEvent | Iterable[NewEvent],
-        expected_version: ExpectedVersion | None = None,
-    ) -> AppendResult:
-        """``append`` on a worker thread."""
-        return await asyncio.to_thread(self.append, stream, events, expected_version)
-
-    async def append_many_async(
-        self,
-        appends: Iterable[tuple[str, NewEvent | Iterable[NewEvent], ExpectedVersion | None]],
-    ) -> list[AppendResult]:
-        """``append_many`` on a worker thread."""
-        return await asyncio.to_thread(self.append_many, list(appends))
-
-    async def close_async(self) -> None:
-        """``close`` on a worker thread."""
-        await asyncio.to_thread(self.close)
-
     def close(self) -> None:
         """Closes the pool and the listener; subscriptions end."""
         if self._closed:
@@ -530,12 +496,6 @@ class PostgresEventStore(Snapshots):
     def _check_open(self) -> None:
         if self._closed:
             raise EventStoreClosedError()
-
-    def __enter__(self) -> PostgresEventStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"PostgresEventStore(table_prefix={self._prefix!r})"

@@ -24,7 +24,7 @@ import dataclasses
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from typing import Literal, Protocol, cast, runtime_checkable
+from typing import Literal, Protocol, TypeVar, cast, runtime_checkable
 
 from buttress import _core
 from buttress._core import AppendResult, NewEvent, RecordedEvent
@@ -38,7 +38,7 @@ __all__ = [
     "NewEvent",
     "RecordedEvent",
     "Snapshot",
-    "Snapshots",
+    "StoreMethods",
     "Subscription",
 ]
 
@@ -115,9 +115,12 @@ def _snapshot_stream(stream: str) -> str:
     return f"$snapshot-{stream}"
 
 
-class Snapshots:
-    """Snapshots of streams, kept in a stream of their own (``$snapshot-<stream>``) in the
-    same store, so every backend has them."""
+_S = TypeVar("_S", bound="StoreMethods")
+
+
+class StoreMethods:
+    """What every event store builds on its own calls: snapshots (kept in a stream of their own,
+    ``$snapshot-<stream>``), subscriptions, asyncio twins and context managers."""
 
     def save_snapshot(self, stream: str, version: int, data: bytes) -> None:
         """Saves ``data`` as the state of ``stream`` as of ``version`` (an event it holds)."""
@@ -151,8 +154,60 @@ class Snapshots:
         start = 0 if snapshot is None else snapshot.version + 1
         return snapshot, store.read_stream(stream, start)
 
+    def subscribe(
+        self,
+        from_position: int = 0,
+        *,
+        stream_prefix: str | None = None,
+        event_types: Iterable[str] | None = None,
+        batch_size: int = 256,
+    ) -> Subscription:
+        """A catch-up subscription: the events from ``from_position`` on (history first, then
+        new ones as they are appended), optionally only those of streams starting with
+        ``stream_prefix`` and of the ``event_types``."""
+        store = cast(EventStoreLike, self)
+        return Subscription(store, from_position, stream_prefix, event_types, batch_size)
 
-class EventStore(_core.EventStore, Snapshots):
+    async def append_async(
+        self,
+        stream: str,
+        events: NewEvent | Iterable[NewEvent],
+        expected_version: ExpectedVersion | None = None,
+    ) -> AppendResult:
+        """``append`` for asyncio: a store whose appends wait on I/O runs it on a worker
+        thread."""
+        store = cast(EventStoreLike, self)
+        if not store.blocks:
+            return store.append(stream, events, expected_version)
+        return await asyncio.to_thread(store.append, stream, events, expected_version)
+
+    async def append_many_async(
+        self, appends: Iterable[tuple[str, NewEvent | Iterable[NewEvent], ExpectedVersion | None]]
+    ) -> list[AppendResult]:
+        """``append_many`` for asyncio."""
+        store = cast(EventStoreLike, self)
+        if not store.blocks:
+            return store.append_many(appends)
+        return await asyncio.to_thread(store.append_many, list(appends))
+
+    async def close_async(self) -> None:
+        """``close`` for asyncio."""
+        await asyncio.to_thread(cast(EventStoreLike, self).close)
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        cast(EventStoreLike, self).close()
+
+    async def __aenter__(self: _S) -> _S:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close_async()
+
+
+class EventStore(_core.EventStore, StoreMethods):
     """Streams of events with per-stream versions and one global order.
 
     ``path=None`` keeps the store in memory. With a directory, events go to a durable log:
@@ -166,54 +221,6 @@ class EventStore(_core.EventStore, Snapshots):
         """Whether appends wait on the disk (a durable store): asyncio twins then run them on a
         worker thread."""
         return self.path is not None
-
-    def subscribe(
-        self,
-        from_position: int = 0,
-        *,
-        stream_prefix: str | None = None,
-        event_types: Iterable[str] | None = None,
-        batch_size: int = 256,
-    ) -> Subscription:
-        """A catch-up subscription: the events from ``from_position`` on (history first, then
-        new ones as they are appended), optionally only those of streams starting with
-        ``stream_prefix`` and of the ``event_types``."""
-        return Subscription(self, from_position, stream_prefix, event_types, batch_size)
-
-    async def append_async(
-        self,
-        stream: str,
-        events: NewEvent | Iterable[NewEvent],
-        expected_version: ExpectedVersion | None = None,
-    ) -> AppendResult:
-        """``append`` for asyncio: a durable store waits for its sync on a worker thread."""
-        if not self.blocks:
-            return self.append(stream, events, expected_version)
-        return await asyncio.to_thread(self.append, stream, events, expected_version)
-
-    async def append_many_async(
-        self, appends: Iterable[tuple[str, NewEvent | Iterable[NewEvent], ExpectedVersion | None]]
-    ) -> list[AppendResult]:
-        """``append_many`` for asyncio."""
-        if not self.blocks:
-            return self.append_many(appends)
-        return await asyncio.to_thread(self.append_many, list(appends))
-
-    async def close_async(self) -> None:
-        """``close`` for asyncio."""
-        await asyncio.to_thread(self.close)
-
-    def __enter__(self) -> EventStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    async def __aenter__(self) -> EventStore:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close_async()
 
 
 class Subscription:
