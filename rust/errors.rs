@@ -71,6 +71,8 @@ pub enum Error {
     StoreClosed,
     /// An operating-system error on a file; becomes `OSError`.
     Io { path: String, message: String },
+    /// The write-behind queue had no room for another key.
+    WriteQueueFull { capacity: usize },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +152,9 @@ impl fmt::Display for Error {
             Error::StoreLocked { path } => write!(f, "{path} is locked by another writer"),
             Error::StoreClosed => f.write_str("The event store is closed."),
             Error::Io { path, message } => write!(f, "{path}: {message}"),
+            Error::WriteQueueFull { capacity } => {
+                write!(f, "the write queue is full ({capacity} writes)")
+            }
         }
     }
 }
@@ -185,6 +190,7 @@ static STORE_CORRUPTED_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static STORE_LOCKED_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static STORE_FAILED_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static STORE_CLOSED_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static WRITE_QUEUE_FULL_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
 fn uuid_text(id: &[u8; 16]) -> String {
     uuid::Uuid::from_bytes(*id).hyphenated().to_string()
@@ -268,6 +274,10 @@ pub fn to_py_err(py: Python<'_>, error: Error) -> PyErr {
         }
         Error::StoreClosed => error_class(py, &STORE_CLOSED_ERROR, "EventStoreClosedError")
             .map(|class| PyErr::from_type(class.clone(), ())),
+        Error::WriteQueueFull { capacity } => {
+            error_class(py, &WRITE_QUEUE_FULL_ERROR, "WriteQueueFullError")
+                .map(|class| PyErr::from_type(class.clone(), (*capacity,)))
+        }
     };
     built.unwrap_or_else(|import_failure| import_failure)
 }

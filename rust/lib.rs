@@ -23,6 +23,8 @@ mod pool_py;
 pub mod ring;
 mod ring_py;
 pub mod waiting;
+pub mod writebehind;
+mod writebehind_py;
 pub mod xxh64;
 
 use pyo3::prelude::*;
@@ -41,6 +43,8 @@ mod _core {
     use crate::pool_py::{ConnectionPool, PoolLease, PoolStats, PoolWaiter};
     #[pymodule_export]
     use crate::ring_py::HashRing;
+    #[pymodule_export]
+    use crate::writebehind_py::WriteQueue;
 
     #[pymodule_init]
     fn init(module: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {

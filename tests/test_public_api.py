@@ -234,6 +234,7 @@ def test_every_buttress_exception_is_a_buttress_error() -> None:
         buttress.EventStoreClosedError,
         buttress.AggregateNotFoundError,
         buttress.NoHandlerError,
+        buttress.WriteQueueFullError,
     }
     for exception in exceptions:
         assert issubclass(exception, buttress.ButtressError)

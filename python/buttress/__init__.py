@@ -30,6 +30,7 @@ from buttress.errors import (
     ShardUnavailableError,
     StoreCorruptedError,
     StoreLockedError,
+    WriteQueueFullError,
     WrongExpectedVersionError,
 )
 from buttress.events import (
@@ -125,6 +126,7 @@ __all__ = [
     "StoreCorruptedError",
     "StoreLockedError",
     "Subscription",
+    "WriteQueueFullError",
     "WrongExpectedVersionError",
     "__version__",
     "applies",

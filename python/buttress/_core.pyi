@@ -29,6 +29,7 @@ __all__ = [
     "PoolStats",
     "PoolWaiter",
     "RecordedEvent",
+    "WriteQueue",
     "__version__",
 ]
 
@@ -611,3 +612,41 @@ class EventStore:
     @property
     def closed(self) -> bool:
         """Whether the store was closed."""
+
+@final
+class WriteQueue:
+    """The bounded, coalescing queue of pending writes behind `buttress.WriteBehind`."""
+
+    def __new__(cls, capacity: int, *, max_attempts: int = 5) -> WriteQueue: ...
+    def put(
+        self,
+        key: str | bytes | int,
+        value: object,
+        *,
+        block: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Queues `key = value`; a newer write of a waiting key replaces it."""
+    def delete(
+        self, key: str | bytes | int, *, block: bool = False, timeout: float | None = None
+    ) -> None:
+        """Queues the deletion of `key`."""
+    def take(self, max_batch: int, timeout: float) -> list[tuple[Any, Any, int, bool]]:
+        """Up to `max_batch` writes as `(key, value, attempts, deleted)`, oldest first."""
+    def done(self, keys: Iterable[str | bytes | int]) -> int:
+        """Settles writes the database has."""
+    def failed(self, key: str | bytes | int) -> tuple[str, Any, bool] | None:
+        """Settles a write that failed: retried, superseded, or a dead letter."""
+    def read(self, key: str | bytes | int) -> tuple[Any, bool] | None:
+        """The newest unsettled write of `key` as `(value, deleted)`, or None."""
+    def wait_idle(self, timeout: float) -> bool:
+        """Waits until no write is waiting or in flight; False after `timeout`."""
+    def unsettled(self) -> list[tuple[Any, Any, bool]]:
+        """Every unsettled write as `(key, value, deleted)`."""
+    def close(self) -> None:
+        """Refuses new writes; what is queued can still be taken and settled."""
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` was called."""
+    def stats(self) -> dict[str, int]:
+        """The queue's counters."""

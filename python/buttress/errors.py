@@ -24,6 +24,7 @@ __all__ = [
     "ShardingError",
     "StoreCorruptedError",
     "StoreLockedError",
+    "WriteQueueFullError",
     "WrongExpectedVersionError",
 ]
 
@@ -395,4 +396,23 @@ class NoHandlerError(ButtressError, LookupError):
         return (
             f"The {self.args[0]} has no handler for {self.args[1]}; register one with "
             "register() or the handles() decorator."
+        )
+
+
+class WriteQueueFullError(ButtressError):
+    """A write-behind queue had no room for another key (and the caller would not wait, or
+    waited as long as it was allowed to).
+
+    Raised as ``WriteQueueFullError(capacity)``.
+    """
+
+    @property
+    def capacity(self) -> int:
+        """How many writes the queue holds at most."""
+        return int(self.args[0])
+
+    def __str__(self) -> str:
+        return (
+            f"The write-behind queue is full ({self.capacity} writes waiting or in flight). "
+            "Let the flusher catch up, raise max_pending, or use on_full='block' with a timeout."
         )

@@ -1,0 +1,351 @@
+//! Python binding of the write-behind queue. Keys are turned into plain Rust values (str,
+//! bytes or int) before the queue's lock is taken, values are kept as reference-counted Python
+//! objects the queue never looks into, and every wait releases the GIL.
+
+use crate::errors::Error;
+use crate::writebehind::{Failed, Op, Refused, Taken, WriteQueue as Core};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const SIGNAL_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+
+mod extract {
+    crate::args::extractors! {
+        capacity: count1 "capacity",
+        max_attempts: count1 "max_attempts",
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+enum Key {
+    Str(Arc<str>),
+    Bytes(Arc<[u8]>),
+    Int(i64),
+    /// An int beyond 64 bits, by its decimal text.
+    BigInt(Arc<str>),
+}
+
+type Value = Arc<Py<PyAny>>;
+
+impl Key {
+    fn of(key: &Bound<'_, PyAny>) -> PyResult<Key> {
+        if let Ok(text) = key.cast::<PyString>() {
+            return Ok(Key::Str(Arc::from(text.to_str()?)));
+        }
+        if let Ok(bytes) = key.cast::<PyBytes>() {
+            return Ok(Key::Bytes(Arc::from(bytes.as_bytes())));
+        }
+        if key.is_instance_of::<PyInt>() && !key.is_instance_of::<PyBool>() {
+            return Ok(match key.extract::<i64>() {
+                Ok(number) => Key::Int(number),
+                Err(_) => Key::BigInt(Arc::from(key.str()?.to_str()?)),
+            });
+        }
+        Err(Error::wrong_type(
+            "key",
+            format!(
+                "key must be a str, bytes or int (got {}).",
+                key.get_type().name()?
+            ),
+        )
+        .into())
+    }
+
+    fn to_object<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(match self {
+            Key::Str(text) => PyString::new(py, text).into_any(),
+            Key::Bytes(bytes) => PyBytes::new(py, bytes).into_any(),
+            Key::Int(number) => number.into_pyobject(py)?.into_any(),
+            Key::BigInt(text) => py.get_type::<PyInt>().call1((&**text,))?,
+        })
+    }
+}
+
+fn op_parts<'py>(py: Python<'py>, op: &Op<Value>) -> (Bound<'py, PyAny>, bool) {
+    match op {
+        Op::Put(value) => (value.bind(py).clone(), false),
+        Op::Delete => (py.None().into_bound(py), true),
+    }
+}
+
+fn full_error(capacity: usize) -> PyErr {
+    Error::WriteQueueFull { capacity }.into()
+}
+
+fn closed_error() -> PyErr {
+    Error::Misuse("The write queue is closed; it takes no more writes.".to_owned()).into()
+}
+
+/// The bounded, coalescing queue of pending writes behind `buttress.WriteBehind`.
+#[pyclass(frozen, module = "buttress._core")]
+pub struct WriteQueue {
+    core: Core<Key, Value>,
+    capacity: usize,
+}
+
+impl WriteQueue {
+    fn enqueue(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        op: Op<Value>,
+        block: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        let key = Key::of(key)?;
+        if !block {
+            return match self.core.try_enqueue(key, op) {
+                Ok(()) => Ok(()),
+                Err(Refused::Full) => Err(full_error(self.capacity)),
+                Err(Refused::Closed) => Err(closed_error()),
+            };
+        }
+        let deadline = match timeout {
+            None => None,
+            Some(seconds) if seconds >= 0.0 && seconds.is_finite() => {
+                Some(Instant::now() + Duration::from_secs_f64(seconds))
+            }
+            Some(seconds) => {
+                return Err(Error::invalid(
+                    "timeout",
+                    format!("timeout must be a number of seconds from 0, or None (got {seconds})."),
+                )
+                .into())
+            }
+        };
+        let mut interrupted: Option<PyErr> = None;
+        let outcome = self.core.enqueue(key, op, deadline, |wait| {
+            py.detach(|| wait(SIGNAL_CHECK_INTERVAL));
+            match py.check_signals() {
+                Ok(()) => Ok(()),
+                Err(error) => {
+                    interrupted = Some(error);
+                    Err(Refused::Full)
+                }
+            }
+        });
+        if let Some(error) = interrupted {
+            return Err(error);
+        }
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(Refused::Full) => Err(full_error(self.capacity)),
+            Err(Refused::Closed) => Err(closed_error()),
+        }
+    }
+
+    fn taken_tuple<'py>(
+        py: Python<'py>,
+        taken: &Taken<Key, Value>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let (value, deleted) = op_parts(py, &taken.op);
+        PyTuple::new(
+            py,
+            [
+                taken.key.to_object(py)?,
+                value,
+                taken.attempts.into_pyobject(py)?.into_any(),
+                PyBool::new(py, deleted).to_owned().into_any(),
+            ],
+        )
+    }
+}
+
+#[pymethods]
+impl WriteQueue {
+    #[new]
+    #[pyo3(signature = (capacity, *, max_attempts = 5))]
+    fn new(
+        #[pyo3(from_py_with = extract::capacity)] capacity: u32,
+        #[pyo3(from_py_with = extract::max_attempts)] max_attempts: u32,
+    ) -> PyResult<Self> {
+        let capacity = capacity as usize;
+        Ok(WriteQueue {
+            core: Core::new(capacity, max_attempts),
+            capacity,
+        })
+    }
+
+    /// Queues `key = value`; a newer write of a waiting key replaces it. When the queue is
+    /// full: raises `WriteQueueFullError`, or with `block` waits up to `timeout` seconds.
+    #[pyo3(signature = (key, value, *, block = false, timeout = None))]
+    fn put(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        value: Py<PyAny>,
+        block: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        self.enqueue(py, key, Op::Put(Arc::new(value)), block, timeout)
+    }
+
+    /// Queues the deletion of `key`, as `put` queues a value.
+    #[pyo3(signature = (key, *, block = false, timeout = None))]
+    fn delete(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        block: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        self.enqueue(py, key, Op::Delete, block, timeout)
+    }
+
+    /// Up to `max_batch` writes as `(key, value, attempts, deleted)`, oldest first, never a key
+    /// already in flight; waits up to `timeout` seconds (GIL released) while there are none.
+    fn take<'py>(
+        &self,
+        py: Python<'py>,
+        max_batch: usize,
+        timeout: f64,
+    ) -> PyResult<Bound<'py, PyList>> {
+        if !(timeout >= 0.0 && timeout.is_finite()) {
+            return Err(Error::invalid(
+                "timeout",
+                format!("timeout must be a number of seconds from 0 (got {timeout})."),
+            )
+            .into());
+        }
+        let taken = py.detach(|| {
+            self.core
+                .take(max_batch.max(1), Duration::from_secs_f64(timeout))
+        });
+        let items = taken
+            .iter()
+            .map(|item| Self::taken_tuple(py, item))
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, items)
+    }
+
+    /// Settles writes the database has: they leave the queue. Returns how many were in flight.
+    fn done(&self, keys: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let keys = keys
+            .try_iter()?
+            .map(|key| Key::of(&key?))
+            .collect::<PyResult<Vec<_>>>()?;
+        Ok(self.core.done(keys.iter()))
+    }
+
+    /// Settles a write that failed: `("retried", None, False)`, `("superseded", None, False)`
+    /// or, out of attempts, `("dead", value, deleted)`; None when the key was not in flight.
+    fn failed<'py>(
+        &self,
+        py: Python<'py>,
+        key: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let key = Key::of(key)?;
+        let Some(outcome) = self.core.failed(&key) else {
+            return Ok(None);
+        };
+        let none = py.None().into_bound(py);
+        let no = PyBool::new(py, false).to_owned().into_any();
+        let parts = match outcome {
+            Failed::Retried => [PyString::new(py, "retried").into_any(), none, no],
+            Failed::Superseded => [PyString::new(py, "superseded").into_any(), none, no],
+            Failed::DeadLetter(op) => {
+                let (value, deleted) = op_parts(py, &op);
+                [
+                    PyString::new(py, "dead").into_any(),
+                    value,
+                    PyBool::new(py, deleted).to_owned().into_any(),
+                ]
+            }
+        };
+        Ok(Some(PyTuple::new(py, parts)?))
+    }
+
+    /// The newest unsettled write of `key` as `(value, deleted)`, or None.
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        key: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<(Bound<'py, PyAny>, bool)>> {
+        let key = Key::of(key)?;
+        Ok(self.core.read(&key).map(|op| op_parts(py, &op)))
+    }
+
+    /// Waits (GIL released) until no write is waiting or in flight; False after `timeout`.
+    fn wait_idle(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
+        if !(timeout >= 0.0 && timeout.is_finite()) {
+            return Err(Error::invalid(
+                "timeout",
+                format!("timeout must be a number of seconds from 0 (got {timeout})."),
+            )
+            .into());
+        }
+        let deadline = Instant::now() + Duration::from_secs_f64(timeout);
+        loop {
+            let slice = deadline
+                .saturating_duration_since(Instant::now())
+                .min(SIGNAL_CHECK_INTERVAL);
+            if py.detach(|| self.core.wait_idle(slice)) {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            py.check_signals()?;
+        }
+    }
+
+    /// Every unsettled write as `(key, value, deleted)`: waiting ones in turn, then in flight.
+    fn unsettled<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let items = self
+            .core
+            .unsettled()
+            .iter()
+            .map(|(key, op)| {
+                let (value, deleted) = op_parts(py, op);
+                PyTuple::new(
+                    py,
+                    [
+                        key.to_object(py)?,
+                        value,
+                        PyBool::new(py, deleted).to_owned().into_any(),
+                    ],
+                )
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, items)
+    }
+
+    /// Refuses new writes; what is queued can still be taken and settled.
+    fn close(&self) {
+        self.core.close();
+    }
+
+    /// Whether `close()` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.core.is_closed()
+    }
+
+    /// The queue's counters: enqueued, coalesced, flushed, retried, dead_lettered,
+    /// superseded, depth, in_flight, high_water, capacity.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let stats = self.core.stats();
+        let dict = PyDict::new(py);
+        dict.set_item("enqueued", stats.enqueued)?;
+        dict.set_item("coalesced", stats.coalesced)?;
+        dict.set_item("flushed", stats.flushed)?;
+        dict.set_item("retried", stats.retried)?;
+        dict.set_item("dead_lettered", stats.dead_lettered)?;
+        dict.set_item("superseded", stats.superseded)?;
+        dict.set_item("depth", stats.depth)?;
+        dict.set_item("in_flight", stats.in_flight)?;
+        dict.set_item("high_water", stats.high_water)?;
+        dict.set_item("capacity", stats.capacity)?;
+        Ok(dict)
+    }
+
+    fn __repr__(&self) -> String {
+        let stats = self.core.stats();
+        format!(
+            "WriteQueue(capacity={}, depth={}, in_flight={})",
+            self.capacity, stats.depth, stats.in_flight
+        )
+    }
+}
