@@ -10,6 +10,7 @@ import types
 
 import buttress
 import buttress.backends.sqlite
+import buttress.caching.writebehind
 import buttress.errors
 import buttress.events.aggregate
 import buttress.events.cqrs
@@ -67,6 +68,7 @@ def test_readme_example_runs(index: int, capsys: pytest.CaptureFixture[str]) -> 
         buttress.events.aggregate,
         buttress.events.cqrs,
         buttress.events.projection,
+        buttress.caching.writebehind,
         buttress.lazy,
         buttress.pool,
         buttress.routing,

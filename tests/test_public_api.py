@@ -12,6 +12,7 @@ import types
 from typing import Any
 
 import buttress
+import buttress.caching.writebehind
 import buttress.errors
 import buttress.events.aggregate
 import buttress.events.cqrs
@@ -78,6 +79,7 @@ def test_core_all_is_exactly_the_public_names() -> None:
         buttress.events.aggregate,
         buttress.events.cqrs,
         buttress.events.projection,
+        buttress.caching.writebehind,
     ],
     ids=lambda module: module.__name__,
 )

@@ -8,6 +8,7 @@
 
 from buttress import _core
 from buttress._core import ManualClock
+from buttress.caching import WriteBehind
 from buttress.errors import (
     AggregateNotFoundError,
     BulkheadFullError,
@@ -126,6 +127,7 @@ __all__ = [
     "StoreCorruptedError",
     "StoreLockedError",
     "Subscription",
+    "WriteBehind",
     "WriteQueueFullError",
     "WrongExpectedVersionError",
     "__version__",

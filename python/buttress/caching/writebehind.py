@@ -1,0 +1,347 @@
+"""Write-behind caching: the cache takes a write at once, the database gets it later, in
+batches, from a flusher thread.
+
+Writes wait in ``buttress._core.WriteQueue``. Only the newest write of a key waits, and a key
+never has two writes in flight. A batch goes to the database in one transaction. A batch that
+fails is retried with backoff, then split in halves until the failing entries are alone. An
+entry that keeps failing goes to the dead-letter handler after ``max_attempts``, so the rest
+keep flowing. Reads see pending writes even when the cache has dropped them.
+
+Write-behind trades durability for speed. A process killed with writes pending loses them.
+``flush()`` waits until everything pending is written, and ``close()`` (also run at
+interpreter exit) writes what it can and returns what it could not.
+
+>>> import os, tempfile
+>>> database = SQLiteDatabase(os.path.join(tempfile.mkdtemp(), "kv.db"))
+>>> with WriteBehind(DictCache(), database, flush_interval=0.01) as store:
+...     store.set("user:1", b"ada")
+...     store.get("user:1")
+...     store.flush(timeout=5)
+b'ada'
+True
+>>> database.get("user:1")
+b'ada'
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import os
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from buttress._core import WriteQueue
+
+__all__ = [
+    "DELETED",
+    "CacheBackend",
+    "Database",
+    "DictCache",
+    "SQLiteDatabase",
+    "WriteBehind",
+]
+
+logger = logging.getLogger("buttress.writebehind")
+
+Key = str | bytes | int
+
+
+class _Deleted:
+    """What a dead letter's value is when the write was a delete."""
+
+    def __repr__(self) -> str:
+        return "DELETED"
+
+
+DELETED: Any = _Deleted()
+_MISSING = object()
+
+
+@runtime_checkable
+class CacheBackend(Protocol):
+    """The cache a ``WriteBehind`` fronts. ``get`` returns ``default`` on a miss."""
+
+    def get(self, key: Key, default: Any = None) -> Any: ...
+    def set(self, key: Key, value: Any) -> None: ...
+    def delete(self, key: Key) -> None: ...
+
+
+@runtime_checkable
+class Database(Protocol):
+    """Where writes end up. ``write_batch`` applies ``(key, value, deleted)`` items in one
+    transaction (all or none) and raises when it cannot."""
+
+    def write_batch(self, items: Sequence[tuple[Key, Any, bool]]) -> None: ...
+    def get(self, key: Key, default: Any = None) -> Any: ...
+
+
+class DictCache:
+    """A plain dict as the cache (unbounded): for tests and small data."""
+
+    def __init__(self) -> None:
+        self.data: dict[Key, Any] = {}
+
+    def get(self, key: Key, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def set(self, key: Key, value: Any) -> None:
+        self.data[key] = value
+
+    def delete(self, key: Key) -> None:
+        self.data.pop(key, None)
+
+
+class SQLiteDatabase:
+    """A key-value table in an SQLite file; a batch is one transaction of upserts and deletes.
+    Values may be anything SQLite stores (bytes, str, int, float, None)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, table: str = "buttress_kv") -> None:
+        if not table.isidentifier():
+            raise ValueError(f"table must be an SQL identifier (got {table!r}).")
+        from buttress.backends.sqlite import sqlite_pool
+
+        self.table = table
+        self.pool = sqlite_pool(path, name=f"writebehind:{table}")
+        with self.pool.connection() as conn, conn:
+            conn.execute(f"create table if not exists {table} (key primary key, value)")
+
+    def write_batch(self, items: Sequence[tuple[Key, Any, bool]]) -> None:
+        puts = [(key, value) for key, value, deleted in items if not deleted]
+        deletes = [(key,) for key, _, deleted in items if deleted]
+        with self.pool.connection() as conn, conn:
+            if puts:
+                conn.executemany(
+                    f"insert into {self.table} (key, value) values (?, ?) "
+                    "on conflict (key) do update set value = excluded.value",
+                    puts,
+                )
+            if deletes:
+                conn.executemany(f"delete from {self.table} where key = ?", deletes)
+
+    def get(self, key: Key, default: Any = None) -> Any:
+        with self.pool.connection() as conn:
+            row = conn.execute(f"select value from {self.table} where key = ?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class WriteBehind:
+    """A cache whose writes reach ``database`` later, in batches, from a flusher thread.
+
+    - ``batch_size``: most writes per database transaction.
+    - ``flush_interval``: the longest the flusher waits for a first write.
+    - ``max_pending``: most writes waiting or in flight.
+    - ``on_full``: ``"block"`` (wait up to ``full_timeout``, then ``WriteQueueFullError``) or
+      ``"raise"`` (at once).
+    - ``batch_retries``: tries a failing batch gets, with backoff, before it is split.
+    - ``max_attempts``: tries an entry gets alone before ``dead_letter(key, value, error)``
+      receives it (``value`` is ``DELETED`` for a delete). Without a handler, dead letters are
+      logged.
+    """
+
+    def __init__(
+        self,
+        cache: CacheBackend,
+        database: Database,
+        *,
+        batch_size: int = 100,
+        flush_interval: float = 0.05,
+        max_pending: int = 10_000,
+        on_full: Literal["block", "raise"] = "block",
+        full_timeout: float | None = None,
+        batch_retries: int = 3,
+        max_attempts: int = 5,
+        retry_backoff: tuple[float, float] = (0.01, 1.0),
+        dead_letter: Callable[[Key, Any, BaseException], object] | None = None,
+        close_at_exit: bool = True,
+    ) -> None:
+        if not isinstance(cache, CacheBackend):
+            raise TypeError(f"cache must have get, set and delete (got {type(cache).__name__}).")
+        if not isinstance(database, Database):
+            raise TypeError(
+                f"database must have write_batch and get (got {type(database).__name__})."
+            )
+        _whole("batch_size", batch_size, 1)
+        _whole("max_pending", max_pending, 1)
+        _whole("batch_retries", batch_retries, 0)
+        _whole("max_attempts", max_attempts, 1)
+        _seconds("flush_interval", flush_interval)
+        if full_timeout is not None:
+            _seconds("full_timeout", full_timeout)
+        if on_full not in ("block", "raise"):
+            raise ValueError(f"on_full must be 'block' or 'raise' (got {on_full!r}).")
+        first, longest = retry_backoff
+        if not 0 <= first <= longest < math.inf:
+            raise ValueError(
+                "retry_backoff must be (first, longest) delays with 0 <= first <= longest "
+                f"(got {retry_backoff!r})."
+            )
+        if dead_letter is not None and not callable(dead_letter):
+            raise TypeError(f"dead_letter must be callable (got {dead_letter!r}).")
+        self.cache = cache
+        self.database = database
+        self.batch_size = batch_size
+        self.flush_interval = float(flush_interval)
+        self._block = on_full == "block"
+        self._full_timeout = full_timeout
+        self._batch_retries = batch_retries
+        self._backoff = (float(first), float(longest))
+        self._dead_letter = dead_letter
+        self.queue = WriteQueue(max_pending, max_attempts=max_attempts)
+        self.dead_letters = 0
+        self._stopping = threading.Event()
+        self._flusher = threading.Thread(
+            target=self._run, name="buttress-write-behind", daemon=True
+        )
+        self._flusher.start()
+        if close_at_exit:
+            reference = weakref.ref(self)
+            atexit.register(_close_at_exit, reference)
+
+    # -- the cache's face ----------------------------------------------------------------------
+
+    def set(self, key: Key, value: Any) -> None:
+        """Writes ``value`` to the cache now and queues it for the database."""
+        self.queue.put(key, value, block=self._block, timeout=self._full_timeout)
+        self.cache.set(key, value)
+
+    def delete(self, key: Key) -> None:
+        """Removes ``key`` from the cache now and queues its deletion."""
+        self.queue.delete(key, block=self._block, timeout=self._full_timeout)
+        self.cache.delete(key)
+
+    def get(self, key: Key, default: Any = None) -> Any:
+        """The newest value: a pending write first (the cache may have dropped it), then the
+        cache, then the database (which then fills the cache)."""
+        pending = self.queue.read(key)
+        if pending is not None:
+            value, deleted = pending
+            return default if deleted else value
+        value = self.cache.get(key, _MISSING)
+        if value is not _MISSING:
+            return value
+        value = self.database.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        self.cache.set(key, value)
+        return value
+
+    # -- draining ------------------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Waits until every queued write is in the database (or dead-lettered); False if
+        ``timeout`` seconds pass first."""
+        return self.queue.wait_idle(1e9 if timeout is None else timeout)
+
+    def close(self, timeout: float | None = 10.0) -> list[tuple[Key, Any]]:
+        """Refuses new writes, writes what is queued (up to ``timeout`` seconds), stops the
+        flusher, and returns the writes it could not get to the database (``DELETED`` for
+        deletes): empty after a clean shutdown."""
+        self.queue.close()
+        self.flush(timeout)
+        self._stopping.set()
+        self._flusher.join(10.0)
+        return [
+            (key, DELETED if deleted else value) for key, value, deleted in self.queue.unsettled()
+        ]
+
+    def __enter__(self) -> WriteBehind:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        left = self.close()
+        if left:
+            logger.error("Write-behind closed with %d writes not written.", len(left))
+
+    def stats(self) -> dict[str, int]:
+        """The queue's counters, and dead letters handed over."""
+        return {**self.queue.stats(), "dead_letters": self.dead_letters}
+
+    # -- the flusher ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            batch = self.queue.take(self.batch_size, self.flush_interval)
+            if not batch:
+                if self.queue.closed and self.queue.stats()["depth"] == 0:
+                    return
+                continue
+            try:
+                self._write(batch, True)
+            except BaseException:  # pragma: no cover - a bug here must not kill the flusher
+                logger.exception("The write-behind flusher failed; it goes on.")
+
+    def _write(self, batch: list[tuple[Any, Any, int, bool]], retry: bool) -> None:
+        """Writes ``(key, value, attempts, deleted)`` items as one transaction."""
+        items = [(key, value, deleted) for key, value, _, deleted in batch]
+        tries = 1 + (self._batch_retries if retry else 0)
+        error: BaseException | None = None
+        for attempt in range(tries):
+            try:
+                self.database.write_batch(items)
+            except Exception as failure:
+                error = failure
+                if attempt + 1 < tries:
+                    self._pause(attempt)
+                continue
+            self.queue.done([key for key, _, _ in items])
+            return
+        assert error is not None
+        if len(batch) > 1:
+            # Split to find the entries at fault; the halves that succeed are settled.
+            middle = len(batch) // 2
+            self._write(batch[:middle], False)
+            self._write(batch[middle:], False)
+            return
+        key, _, attempts, _ = batch[0]
+        outcome = self.queue.failed(key)
+        if outcome is None:
+            return
+        verdict, dead_value, dead_deleted = outcome
+        if verdict == "dead":
+            self.dead_letters += 1
+            self._hand_over(key, DELETED if dead_deleted else dead_value, error)
+        elif verdict == "retried":
+            # The entry is first in line again; give the database a moment first.
+            self._pause(attempts)
+
+    def _hand_over(self, key: Key, value: Any, error: BaseException) -> None:
+        if self._dead_letter is None:
+            logger.error("Write of %r dead-lettered after retries: %s", key, error)
+            return
+        try:
+            self._dead_letter(key, value, error)
+        except Exception:
+            logger.exception("The dead-letter handler failed for %r.", key)
+
+    def _pause(self, attempt: int) -> None:
+        first, longest = self._backoff
+        self._stopping.wait(min(longest, first * 2**attempt))
+
+
+def _close_at_exit(reference: weakref.ref[WriteBehind]) -> None:
+    store = reference()
+    if store is not None and not store.queue.closed:
+        left = store.close()
+        if left:
+            logger.error("At exit, %d write-behind writes could not be written.", len(left))
+
+
+def _whole(name: str, value: object, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a whole number (got {value!r}).")
+    if value < low:
+        raise ValueError(f"{name} must be {low} or more (got {value}).")
+
+
+def _seconds(name: str, value: object) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of seconds (got {value!r}).")
+    if not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number of seconds from 0 (got {value!r}).")
