@@ -10,6 +10,7 @@ import types
 
 import buttress
 import buttress.backends.sqlite
+import buttress.caching.aside
 import buttress.caching.writebehind
 import buttress.errors
 import buttress.events.aggregate
@@ -69,6 +70,7 @@ def test_readme_example_runs(index: int, capsys: pytest.CaptureFixture[str]) -> 
         buttress.events.cqrs,
         buttress.events.projection,
         buttress.caching.writebehind,
+        buttress.caching.aside,
         buttress.lazy,
         buttress.pool,
         buttress.routing,

@@ -12,6 +12,7 @@ import types
 from typing import Any
 
 import buttress
+import buttress.caching.aside
 import buttress.caching.writebehind
 import buttress.errors
 import buttress.events.aggregate
@@ -80,6 +81,7 @@ def test_core_all_is_exactly_the_public_names() -> None:
         buttress.events.cqrs,
         buttress.events.projection,
         buttress.caching.writebehind,
+        buttress.caching.aside,
     ],
     ids=lambda module: module.__name__,
 )

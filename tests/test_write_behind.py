@@ -156,7 +156,7 @@ def test_a_full_queue_raises_or_blocks_until_its_timeout(quick: dict[str, Any]) 
     )
     raising.set("a", 1)
     raising.set("b", 2)
-    raising.set("a", 3)  # a waiting key takes no more room
+    # The database is down: both stay waiting or in flight, and both count against the room.
     with pytest.raises(WriteQueueFullError):
         raising.set("c", 4)
     assert raising.get("c") is None  # a refused write is not cached either

@@ -8,7 +8,7 @@
 
 from buttress import _core
 from buttress._core import ManualClock
-from buttress.caching import WriteBehind
+from buttress.caching import CacheAside, WriteBehind, WriteThrough
 from buttress.errors import (
     AggregateNotFoundError,
     BulkheadFullError,
@@ -84,6 +84,7 @@ __all__ = [
     "BulkheadRegistry",
     "BulkheadStats",
     "ButtressError",
+    "CacheAside",
     "CircuitBreaker",
     "CircuitOpenError",
     "CircuitPermit",
@@ -129,6 +130,7 @@ __all__ = [
     "Subscription",
     "WriteBehind",
     "WriteQueueFullError",
+    "WriteThrough",
     "WrongExpectedVersionError",
     "__version__",
     "applies",

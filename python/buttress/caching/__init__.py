@@ -1,7 +1,9 @@
-"""Caching: write-behind over the Rust write queue (cache-aside and write-through to come)."""
+"""Caching: write-behind over the Rust write queue, cache-aside with single-flight loading,
+and write-through."""
 
 from __future__ import annotations
 
+from buttress.caching.aside import CacheAside, WriteThrough
 from buttress.caching.writebehind import (
     DELETED,
     CacheBackend,
@@ -13,9 +15,11 @@ from buttress.caching.writebehind import (
 
 __all__ = [
     "DELETED",
+    "CacheAside",
     "CacheBackend",
     "Database",
     "DictCache",
     "SQLiteDatabase",
     "WriteBehind",
+    "WriteThrough",
 ]

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -63,7 +64,8 @@ _MISSING = object()
 
 @runtime_checkable
 class CacheBackend(Protocol):
-    """The cache a ``WriteBehind`` fronts. ``get`` returns ``default`` on a miss."""
+    """The cache a ``WriteBehind`` (or ``CacheAside``, ``WriteThrough``) fronts. ``get``
+    returns ``default`` on a miss; ``set`` takes a ``ttl`` keyword when a TTL is configured."""
 
     def get(self, key: Key, default: Any = None) -> Any: ...
     def set(self, key: Key, value: Any) -> None: ...
@@ -80,19 +82,30 @@ class Database(Protocol):
 
 
 class DictCache:
-    """A plain dict as the cache (unbounded): for tests and small data."""
+    """A plain dict as the cache (unbounded, thread-safe under the GIL), with optional expiry
+    per entry: for tests and small data."""
 
     def __init__(self) -> None:
         self.data: dict[Key, Any] = {}
+        self._expires: dict[Key, float] = {}
 
     def get(self, key: Key, default: Any = None) -> Any:
+        expires = self._expires.get(key)
+        if expires is not None and time.monotonic() >= expires:
+            self.delete(key)
+            return default
         return self.data.get(key, default)
 
-    def set(self, key: Key, value: Any) -> None:
+    def set(self, key: Key, value: Any, ttl: float | None = None) -> None:
         self.data[key] = value
+        if ttl is None:
+            self._expires.pop(key, None)
+        else:
+            self._expires[key] = time.monotonic() + ttl
 
     def delete(self, key: Key) -> None:
         self.data.pop(key, None)
+        self._expires.pop(key, None)
 
 
 class SQLiteDatabase:
