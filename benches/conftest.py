@@ -190,6 +190,15 @@ TARGETS = (
         5.0,
         "time",
     ),
+    Target(
+        "write-behind enqueue: buttress >= 4x faster than a queue.Queue write-behind",
+        "writebehind-enqueue",
+        ("WriteBehind.set",),
+        "queue.Queue",
+        ("set: dict cache + Queue.put",),
+        4.0,
+        "time",
+    ),
 )
 
 
