@@ -25,7 +25,14 @@ from collections.abc import Callable, Iterator, Sequence
 from buttress.backends._shard_sql import SqlShardBackend
 from buttress.pool import ConnectionPool
 
-__all__ = ["PostgresShardBackend", "check", "is_broken", "postgres_pool", "reset"]
+__all__ = [
+    "PostgresDatabase",
+    "PostgresShardBackend",
+    "check",
+    "is_broken",
+    "postgres_pool",
+    "reset",
+]
 
 
 def check(conn: psycopg.Connection[Any]) -> None:
@@ -179,3 +186,68 @@ class PostgresShardBackend(SqlShardBackend):
 
     def __repr__(self) -> str:
         return f"PostgresShardBackend({self.url!r})"
+
+
+class PostgresDatabase:
+    """A key-value table in PostgreSQL for ``WriteBehind``, ``CacheAside`` and
+    ``WriteThrough``: keys are str, values bytes. A batch of writes is one statement (deletes
+    and upserts together), so one round trip and one transaction. ``pool_options`` go to
+    ``postgres_pool``."""
+
+    def __init__(self, url: str, *, table: str = "buttress_kv", **pool_options: Any) -> None:
+        if not isinstance(table, str) or not table.isidentifier():
+            raise ValueError(f"table must be an SQL identifier (got {table!r}).")
+        self.table = table
+        pool_options.setdefault("name", f"kv:{table}")
+        pool_options.setdefault("min_size", 0)
+        self.pool = postgres_pool(url, autocommit=True, **pool_options)
+        try:
+            with self.pool.connection() as conn, conn.transaction():
+                conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (table,))
+                conn.execute(
+                    f'create table if not exists {table} (key text collate "C" primary key, '
+                    "value bytea not null)"
+                )
+        except BaseException:
+            self.pool.close()
+            raise
+
+    def write_batch(self, items: Sequence[tuple[Any, Any, bool]]) -> None:
+        """Applies ``(key, value, deleted)`` items in one statement."""
+        puts_keys: list[str] = []
+        puts_values: list[bytes] = []
+        deletes: list[str] = []
+        for key, value, deleted in items:
+            if not isinstance(key, str):
+                raise TypeError(f"PostgresDatabase keys are str (got {type(key).__name__}).")
+            if deleted:
+                deletes.append(key)
+                continue
+            if not isinstance(value, (bytes, bytearray, memoryview)):
+                raise TypeError(
+                    f"PostgresDatabase values are bytes (got {type(value).__name__} for "
+                    f"key {key!r}); encode them first."
+                )
+            puts_keys.append(key)
+            puts_values.append(bytes(value))
+        table = self.table
+        with self.pool.connection() as conn:
+            conn.execute(
+                f"with removed as (delete from {table} where key = any(%(deletes)s)) "
+                f"insert into {table} (key, value) "
+                "select * from unnest(%(keys)s::text[], %(values)s::bytea[]) "
+                "on conflict (key) do update set value = excluded.value",
+                {"deletes": deletes, "keys": puts_keys, "values": puts_values},
+            )
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """The stored value of ``key``, or ``default``."""
+        if not isinstance(key, str):
+            return default
+        with self.pool.connection() as conn:
+            row = conn.execute(f"select value from {self.table} where key = %s", (key,)).fetchone()
+        return default if row is None else bytes(row[0])
+
+    def close(self) -> None:
+        """Closes the pool."""
+        self.pool.close()
