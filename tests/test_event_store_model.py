@@ -23,7 +23,6 @@ import tempfile
 import uuid
 from typing import Any
 
-import psycopg
 import pytest
 from buttress import (
     DuplicateEventError,
@@ -34,6 +33,7 @@ from buttress import (
     WrongExpectedVersionError,
 )
 from buttress.backends.postgres_events import PostgresEventStore
+from event_postgres import drop_event_tables, event_leftovers
 from event_store_model import (
     Appended,
     Duplicate,
@@ -379,7 +379,7 @@ class PostgresMachine(EventStoreMachine):
             super().teardown()
         finally:
             if getattr(self, "prefix", None):
-                drop_pg_tables(self.url, self.prefix)
+                drop_event_tables(self.url, self.prefix)
 
     @rule(data=st.data())
     def close_and_reopen(self, data: st.DataObject) -> None:
@@ -450,32 +450,6 @@ POSTGRES_SETTINGS = settings(
 )
 
 
-def drop_pg_tables(url: str, prefix: str) -> None:
-    """Drops what a PostgresEventStore made for `prefix`, first ending any session still using
-    it (a store a failed run left open must not hold the drop up)."""
-    with psycopg.connect(url, autocommit=True) as admin:
-        admin.execute("set lock_timeout = '10s'")
-        admin.execute(
-            "select pg_terminate_backend(pid) from pg_stat_activity "
-            "where pid <> pg_backend_pid() and datname = current_database() "
-            "and position(%s in query) > 0",
-            (prefix,),
-        )
-        admin.execute(f"drop table if exists {prefix}_events, {prefix}_head cascade")
-        admin.execute(f"drop function if exists {prefix}_append")
-
-
-def pg_leftovers(url: str, prefix: str) -> list[str]:
-    """Tables and functions on the server whose names start with `prefix`."""
-    with psycopg.connect(url, autocommit=True) as admin:
-        rows = admin.execute(
-            "select relname from pg_class where starts_with(relname, %s) "
-            "union all select proname from pg_proc where starts_with(proname, %s)",
-            (prefix, prefix),
-        ).fetchall()
-    return sorted(str(name) for (name,) in rows)
-
-
 def test_postgres_store(postgres_url: str) -> None:
     """The same machine on PostgresEventStore (skips when no server answers)."""
 
@@ -487,13 +461,13 @@ def test_postgres_store(postgres_url: str) -> None:
     finally:
         # Every run drops its tables in its teardown; whatever one left is dropped here, and
         # fails the test.
-        left = pg_leftovers(postgres_url, PG_PREFIX)
+        left = event_leftovers(postgres_url, PG_PREFIX)
         for prefix in _pg_prefixes:
             if any(name.startswith(f"{prefix}_") for name in left):
-                drop_pg_tables(postgres_url, prefix)
+                drop_event_tables(postgres_url, prefix)
     assert _pg_prefixes, "no run opened a store"
     assert left == [], "a run left its tables behind"
-    assert pg_leftovers(postgres_url, PG_PREFIX) == []
+    assert event_leftovers(postgres_url, PG_PREFIX) == []
 
 
 def test_model_retries_and_refusals() -> None:

@@ -44,6 +44,7 @@ from buttress import (
 )
 from buttress.backends.postgres_events import PostgresEventStore
 from buttress.events.store import EventStoreLike, Subscription
+from event_postgres import drop_event_tables, event_leftovers
 from support import JOIN, background, run_threads, wait_until
 from test_event_store import (
     BAD_CALLS,
@@ -68,32 +69,6 @@ CHILD_TIMEOUT = 60.0
 
 
 # -- tables, stores and their cleanup ------------------------------------------------------------
-
-
-def drop_tables(url: str, prefix: str) -> None:
-    """Drops what a PostgresEventStore made for `prefix`. Sessions still using it (a store a
-    failed test left open) are ended first, so that they cannot hold the drop up."""
-    with psycopg.connect(url, autocommit=True) as admin:
-        admin.execute("set lock_timeout = '10s'")
-        admin.execute(
-            "select pg_terminate_backend(pid) from pg_stat_activity "
-            "where pid <> pg_backend_pid() and datname = current_database() "
-            "and position(%s in query) > 0",
-            (prefix,),
-        )
-        admin.execute(f"drop table if exists {prefix}_events, {prefix}_head cascade")
-        admin.execute(f"drop function if exists {prefix}_append")
-
-
-def leftovers(url: str, prefix: str) -> list[str]:
-    """Tables, indexes, sequences and functions whose names start with `prefix`."""
-    with psycopg.connect(url, autocommit=True) as admin:
-        rows = admin.execute(
-            "select relname from pg_class where starts_with(relname, %s) "
-            "union all select proname from pg_proc where starts_with(proname, %s)",
-            (prefix, prefix),
-        ).fetchall()
-    return sorted(str(name) for (name,) in rows)
 
 
 def backends_using(url: str, prefix: str) -> set[int]:
@@ -135,13 +110,13 @@ class Tables:
                     opened.close()
         finally:
             for prefix in self.prefixes:
-                drop_tables(self.url, prefix)
+                drop_event_tables(self.url, prefix)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _nothing_is_left_behind(postgres_url: str) -> Iterator[None]:
     yield
-    assert leftovers(postgres_url, MODULE_PREFIX) == [], "tables or functions left behind"
+    assert event_leftovers(postgres_url, MODULE_PREFIX) == [], "tables or functions left behind"
 
 
 @pytest.fixture
@@ -176,14 +151,14 @@ def test_the_cleanup_drops_everything_even_when_a_test_fails(postgres_url: str) 
         try:
             opened = made.store(prefix)
             opened.append("s", [event()])
-            assert leftovers(postgres_url, prefix) != []
+            assert event_leftovers(postgres_url, prefix) != []
             raise RuntimeError("inside the test")
         finally:
             made.close()
 
     with pytest.raises(RuntimeError, match="inside"):
         fail_inside()
-    assert leftovers(postgres_url, prefix) == []
+    assert event_leftovers(postgres_url, prefix) == []
     wait_until(lambda: not backends_using(postgres_url, prefix))
 
 
@@ -835,8 +810,8 @@ def test_a_bad_table_prefix_is_refused_and_creates_nothing(postgres_url: str, pr
     with pytest.raises(ValueError, match="table_prefix"):
         PostgresEventStore(postgres_url, table_prefix=prefix)
     if isinstance(prefix, str) and prefix:
-        assert leftovers(postgres_url, f"{prefix}_") == []
-        assert leftovers(postgres_url, f"{prefix.lower()}_") == []
+        assert event_leftovers(postgres_url, f"{prefix}_") == []
+        assert event_leftovers(postgres_url, f"{prefix.lower()}_") == []
 
 
 def test_the_longest_table_prefix_works(tables: Tables) -> None:
@@ -849,7 +824,7 @@ def test_the_longest_table_prefix_works(tables: Tables) -> None:
         found = subscription.next(timeout=JOIN)
         assert found is not None
         assert found.stream == "s"
-    made = leftovers(tables.url, prefix)
+    made = event_leftovers(tables.url, prefix)
     assert {f"{prefix}_append", f"{prefix}_events", f"{prefix}_head"} <= set(made)
 
 
@@ -1694,7 +1669,7 @@ def open_at_once(
 def test_stores_created_at_once_on_fresh_tables_all_work(tables: Tables) -> None:
     for _ in range(3):
         prefix = tables.prefix()
-        assert leftovers(tables.url, prefix) == []
+        assert event_leftovers(tables.url, prefix) == []
         children = Children("open", tables.url, prefix, ["p0", "p1", "p2"], 0)
         threads = 4
         results = open_at_once(tables, prefix, threads, children)
@@ -1704,7 +1679,7 @@ def test_stores_created_at_once_on_fresh_tables_all_work(tables: Tables) -> None
             assert store.head == threads + 3
             assert len(store.streams()) == threads + 3
             check_log(store)
-        assert f"{prefix}_append" in leftovers(tables.url, prefix)
+        assert f"{prefix}_append" in event_leftovers(tables.url, prefix)
 
 
 def test_opening_a_store_on_tables_that_hold_events_keeps_them(tables: Tables) -> None:

@@ -27,11 +27,17 @@ import math
 import threading
 from typing import Any
 
-from buttress.caching.writebehind import CacheBackend, Database, Key
+from buttress.caching.writebehind import (
+    MISSING,
+    CacheBackend,
+    Database,
+    Key,
+    check_backends,
+    fill,
+    read_through,
+)
 
 __all__ = ["CacheAside", "WriteThrough"]
-
-_MISSING = object()
 
 
 class _Flight:
@@ -41,7 +47,7 @@ class _Flight:
 
     def __init__(self) -> None:
         self.done = threading.Event()
-        self.value: Any = _MISSING
+        self.value: Any = MISSING
         self.error: BaseException | None = None
         # Set by a write that came while the load was under way: its value is not cached.
         self.stale = False
@@ -65,8 +71,8 @@ class CacheAside:
     def get(self, key: Key, default: Any = None) -> Any:
         """The cached value, or the database's (loaded once however many callers miss it at
         the same time, then cached); ``default`` when the database has none."""
-        value = self.cache.get(key, _MISSING)
-        if value is not _MISSING:
+        value = self.cache.get(key, MISSING)
+        if value is not MISSING:
             return value
         with self._lock:
             flight = self._flights.get(key)
@@ -79,16 +85,16 @@ class CacheAside:
             flight.done.wait()
         if flight.error is not None:
             raise flight.error
-        return default if flight.value is _MISSING else flight.value
+        return default if flight.value is MISSING else flight.value
 
     def _load(self, key: Key, flight: _Flight) -> None:
         try:
             self.loads += 1
-            flight.value = self.database.get(key, _MISSING)
+            flight.value = self.database.get(key, MISSING)
             with self._lock:
                 fresh = not flight.stale
-                if fresh and flight.value is not _MISSING:
-                    _fill(self.cache, key, flight.value, self.ttl)
+                if fresh and flight.value is not MISSING:
+                    fill(self.cache, key, flight.value, self.ttl)
         except BaseException as error:
             flight.error = error
         finally:
@@ -129,7 +135,7 @@ class WriteThrough:
         """Writes the database, then the cache; if the database raises, the cache is left as
         it was."""
         self.database.write_batch([(key, value, False)])
-        _fill(self.cache, key, value, self.ttl)
+        fill(self.cache, key, value, self.ttl)
 
     def delete(self, key: Key) -> None:
         """Deletes from the database, then from the cache."""
@@ -138,28 +144,11 @@ class WriteThrough:
 
     def get(self, key: Key, default: Any = None) -> Any:
         """The cached value, else the database's (which then fills the cache)."""
-        value = self.cache.get(key, _MISSING)
-        if value is not _MISSING:
-            return value
-        value = self.database.get(key, _MISSING)
-        if value is _MISSING:
-            return default
-        _fill(self.cache, key, value, self.ttl)
-        return value
-
-
-def _fill(cache: CacheBackend, key: Key, value: Any, ttl: float | None) -> None:
-    if ttl is None:
-        cache.set(key, value)
-    else:
-        cache.set(key, value, ttl=ttl)  # type: ignore[call-arg]
+        return read_through(self.cache, self.database, key, default, self.ttl)
 
 
 def _check(cache: object, database: object, ttl: object) -> None:
-    if not isinstance(cache, CacheBackend):
-        raise TypeError(f"cache must have get, set and delete (got {type(cache).__name__}).")
-    if not isinstance(database, Database):
-        raise TypeError(f"database must have write_batch and get (got {type(database).__name__}).")
+    check_backends(cache, database)
     if ttl is not None and (
         not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl < math.inf
     ):

@@ -39,11 +39,15 @@ from buttress._core import WriteQueue
 
 __all__ = [
     "DELETED",
+    "MISSING",
     "CacheBackend",
     "Database",
     "DictCache",
     "SQLiteDatabase",
     "WriteBehind",
+    "check_backends",
+    "fill",
+    "read_through",
 ]
 
 logger = logging.getLogger("buttress.writebehind")
@@ -59,7 +63,8 @@ class _Deleted:
 
 
 DELETED: Any = _Deleted()
-_MISSING = object()
+MISSING: Any = object()
+"""What ``get(key, MISSING)`` returns on a miss, told apart from a stored None."""
 
 
 @runtime_checkable
@@ -174,12 +179,7 @@ class WriteBehind:
         dead_letter: Callable[[Key, Any, BaseException], object] | None = None,
         close_at_exit: bool = True,
     ) -> None:
-        if not isinstance(cache, CacheBackend):
-            raise TypeError(f"cache must have get, set and delete (got {type(cache).__name__}).")
-        if not isinstance(database, Database):
-            raise TypeError(
-                f"database must have write_batch and get (got {type(database).__name__})."
-            )
+        check_backends(cache, database)
         _whole("batch_size", batch_size, 1)
         _whole("max_pending", max_pending, 1)
         _whole("batch_retries", batch_retries, 0)
@@ -236,14 +236,7 @@ class WriteBehind:
         if pending is not None:
             value, deleted = pending
             return default if deleted else value
-        value = self.cache.get(key, _MISSING)
-        if value is not _MISSING:
-            return value
-        value = self.database.get(key, _MISSING)
-        if value is _MISSING:
-            return default
-        self.cache.set(key, value)
-        return value
+        return read_through(self.cache, self.database, key, default, None)
 
     # -- draining ------------------------------------------------------------------------------
 
@@ -336,6 +329,36 @@ class WriteBehind:
     def _pause(self, attempt: int) -> None:
         first, longest = self._backoff
         self._stopping.wait(min(longest, first * 2**attempt))
+
+
+def check_backends(cache: object, database: object) -> None:
+    """Refuses a cache or a database without the methods the caching services call."""
+    if not isinstance(cache, CacheBackend):
+        raise TypeError(f"cache must have get, set and delete (got {type(cache).__name__}).")
+    if not isinstance(database, Database):
+        raise TypeError(f"database must have write_batch and get (got {type(database).__name__}).")
+
+
+def fill(cache: CacheBackend, key: Key, value: Any, ttl: float | None) -> None:
+    """Caches ``value``, with ``ttl`` when one is configured."""
+    if ttl is None:
+        cache.set(key, value)
+    else:
+        cache.set(key, value, ttl=ttl)  # type: ignore[call-arg]
+
+
+def read_through(
+    cache: CacheBackend, database: Database, key: Key, default: Any, ttl: float | None
+) -> Any:
+    """The cached value, else the database's (which then fills the cache), else ``default``."""
+    value = cache.get(key, MISSING)
+    if value is not MISSING:
+        return value
+    value = database.get(key, MISSING)
+    if value is MISSING:
+        return default
+    fill(cache, key, value, ttl)
+    return value
 
 
 def _close_at_exit(reference: weakref.ref[WriteBehind]) -> None:
