@@ -7,7 +7,7 @@
 
 use crate::errors::Error;
 use pyo3::prelude::*;
-use pyo3::types::{PyFloat, PyInt, PyString};
+use pyo3::types::{PyBool, PyFloat, PyInt, PyString};
 
 fn describe(value: &Bound<'_, PyAny>) -> String {
     value
@@ -18,7 +18,8 @@ fn describe(value: &Bound<'_, PyAny>) -> String {
 
 /// A whole number from `min` to `u32::MAX`.
 pub fn count(argument: &'static str, value: &Bound<'_, PyAny>, min: u32) -> PyResult<u32> {
-    if !value.is_instance_of::<PyInt>() {
+    // A bool is an int to Python, but `max_size=True` is a mistake, not a size of 1.
+    if !value.is_instance_of::<PyInt>() || value.is_instance_of::<PyBool>() {
         return Err(Error::wrong_type(
             argument,
             format!(
@@ -48,7 +49,9 @@ pub fn count(argument: &'static str, value: &Bound<'_, PyAny>, min: u32) -> PyRe
 
 /// A real number (an int or a float), any value; ranges are checked by the cores.
 pub fn number(argument: &'static str, value: &Bound<'_, PyAny>) -> PyResult<f64> {
-    if !(value.is_instance_of::<PyFloat>() || value.is_instance_of::<PyInt>()) {
+    if !(value.is_instance_of::<PyFloat>() || value.is_instance_of::<PyInt>())
+        || value.is_instance_of::<PyBool>()
+    {
         return Err(Error::wrong_type(
             argument,
             format!("{argument} must be a number (got {}).", describe(value)),

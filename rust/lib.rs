@@ -1,6 +1,6 @@
 //! buttress: distributed-systems patterns for Python with Rust hot paths.
 //!
-//! Each core is a plain-Rust module with its own unit tests (`breaker`, `bulkhead`, `pool`, `ring`, `eventstore` with its log `eventlog`, `clock`,
+//! Each core is a plain-Rust module with its own unit tests (`breaker`, `bulkhead`, `cache`, `pool`, `ring`, `eventstore` with its log `eventlog`, `clock`,
 //! `jitter`, `md5`);
 //! each `*_py` module is the thin PyO3 binding for one core; `errors` maps the crate's one error
 //! type to Python exceptions.
@@ -10,6 +10,8 @@ pub mod breaker;
 mod breaker_py;
 pub mod bulkhead;
 mod bulkhead_py;
+pub mod cache;
+mod cache_py;
 pub mod clock;
 mod clock_py;
 pub mod errors;
@@ -36,6 +38,8 @@ mod _core {
     #[pymodule_export]
     use crate::bulkhead_py::{Bulkhead, BulkheadStats, BulkheadWaiter};
     #[pymodule_export]
+    use crate::cache_py::LocalCache;
+    #[pymodule_export]
     use crate::clock_py::ManualClock;
     #[pymodule_export]
     use crate::eventstore_py::{AppendResult, EventStore, NewEvent, RecordedEvent};
@@ -44,7 +48,7 @@ mod _core {
     #[pymodule_export]
     use crate::ring_py::HashRing;
     #[pymodule_export]
-    use crate::writebehind_py::WriteQueue;
+    use crate::writebehind_py::{CachedWriter, WriteQueue};
 
     #[pymodule_init]
     fn init(module: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {

@@ -2,10 +2,13 @@
 //! bytes or int) before the queue's lock is taken, values are kept as reference-counted Python
 //! objects the queue never looks into, and every wait releases the GIL.
 
+use crate::cache_py::{key_hash, LocalCache};
 use crate::errors::Error;
 use crate::writebehind::{Failed, Op, Refused, Taken, WriteQueue as Core};
+use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
+use pyo3::PyTraverseError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -86,6 +89,22 @@ pub struct WriteQueue {
 }
 
 impl WriteQueue {
+    fn put_and_cache(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        value: Py<PyAny>,
+        cache: &LocalCache,
+        block: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        let hash = key_hash(key)?;
+        let cached = value.clone_ref(py);
+        self.enqueue(py, key, Op::Put(Arc::new(value)), block, timeout)?;
+        cache.set_hashed(key, hash, cached);
+        Ok(())
+    }
+
     fn enqueue(
         &self,
         py: Python<'_>,
@@ -180,6 +199,39 @@ impl WriteQueue {
         timeout: Option<f64>,
     ) -> PyResult<()> {
         self.enqueue(py, key, Op::Put(Arc::new(value)), block, timeout)
+    }
+
+    /// `put`, then `cache.set(key, value)` in the same call: no other thread can queue and
+    /// cache a write of the key in between, so the cache always ends with the value the
+    /// queue will write last. The key is checked against the cache's rules before queuing.
+    #[pyo3(signature = (key, value, cache, *, block = false, timeout = None))]
+    fn put_cached(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        value: Py<PyAny>,
+        cache: &Bound<'_, LocalCache>,
+        block: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        self.put_and_cache(py, key, value, cache.get(), block, timeout)
+    }
+
+    /// `put_cached` with `cache`, `block` and `timeout` bound once: a callable taking
+    /// `(key, value)`, so a write-behind's `set` is one call into Rust.
+    #[pyo3(signature = (cache, *, block = false, timeout = None))]
+    fn cached_writer(
+        slf: &Bound<'_, Self>,
+        cache: &Bound<'_, LocalCache>,
+        block: bool,
+        timeout: Option<f64>,
+    ) -> CachedWriter {
+        CachedWriter {
+            queue: slf.clone().unbind(),
+            cache: cache.clone().unbind(),
+            block,
+            timeout,
+        }
     }
 
     /// Queues the deletion of `key`, as `put` queues a value.
@@ -323,6 +375,13 @@ impl WriteQueue {
         self.core.is_closed()
     }
 
+    /// A count that moves whenever a write of `key` is accepted (now and then also for a key
+    /// sharing its stripe): a read-through compares it before and after, to tell that a write
+    /// of its key came meanwhile.
+    fn writes_to(&self, key: &Bound<'_, PyAny>) -> PyResult<u64> {
+        Ok(self.core.writes_to(&Key::of(key)?))
+    }
+
     /// The queue's counters: enqueued, coalesced, flushed, retried, dead_lettered,
     /// superseded, depth, in_flight, high_water, capacity.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -347,5 +406,29 @@ impl WriteQueue {
             "WriteQueue(capacity={}, depth={}, in_flight={})",
             self.capacity, stats.depth, stats.in_flight
         )
+    }
+}
+
+/// A write-behind's `set(key, value)` over a `LocalCache`: queues the write and fills the
+/// cache in one call (see `WriteQueue.put_cached`).
+#[pyclass(frozen, module = "buttress._core")]
+pub struct CachedWriter {
+    queue: Py<WriteQueue>,
+    cache: Py<LocalCache>,
+    block: bool,
+    timeout: Option<f64>,
+}
+
+#[pymethods]
+impl CachedWriter {
+    fn __call__(&self, py: Python<'_>, key: &Bound<'_, PyAny>, value: Py<PyAny>) -> PyResult<()> {
+        self.queue
+            .get()
+            .put_and_cache(py, key, value, self.cache.get(), self.block, self.timeout)
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.queue)?;
+        visit.call(&self.cache)
     }
 }

@@ -8,7 +8,7 @@
 
 from buttress import _core
 from buttress._core import ManualClock
-from buttress.caching import CacheAside, WriteBehind, WriteThrough
+from buttress.caching import CacheAside, LocalCache, WriteBehind, WriteThrough
 from buttress.errors import (
     AggregateNotFoundError,
     BulkheadFullError,
@@ -102,6 +102,7 @@ __all__ = [
     "Lazy",
     "LazyCollection",
     "LoadBalancer",
+    "LocalCache",
     "ManualClock",
     "NewEvent",
     "NoHandlerError",

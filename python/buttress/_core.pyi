@@ -4,12 +4,14 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from os import PathLike
 from pathlib import Path
 from types import GenericAlias, TracebackType
-from typing import Any, Final, Generic, Literal, TypeVar, final
+from typing import Any, ClassVar, Final, Generic, Literal, TypeAlias, TypeVar, final
 from uuid import UUID
 
 from typing_extensions import Self, disjoint_base
 
 from buttress.resilience._state import CircuitState
+
+_CacheKey: TypeAlias = str | bytes | int | float | bool | tuple[Any, ...] | None
 
 __all__ = [
     "AppendResult",
@@ -18,11 +20,13 @@ __all__ = [
     "Bulkhead",
     "BulkheadStats",
     "BulkheadWaiter",
+    "CachedWriter",
     "CircuitBreaker",
     "CircuitPermit",
     "ConnectionPool",
     "EventStore",
     "HashRing",
+    "LocalCache",
     "ManualClock",
     "NewEvent",
     "PoolLease",
@@ -614,6 +618,48 @@ class EventStore:
         """Whether the store was closed."""
 
 @final
+class LocalCache:
+    """A bounded, thread-safe in-process cache with an optional expiry per entry (S3-FIFO)."""
+
+    blocking: ClassVar[bool]
+    def __new__(
+        cls, max_size: int, *, ttl: float | None = None, clock: ManualClock | None = None
+    ) -> LocalCache: ...
+    def get(self, key: _CacheKey, default: Any = None) -> Any:
+        """The value cached for `key`, or `default` when there is none (or it expired)."""
+    def set(self, key: _CacheKey, value: object, ttl: float | None = None) -> None:
+        """Caches `key = value` for `ttl` seconds (None: the cache's own `ttl`)."""
+    def delete(self, key: _CacheKey) -> bool:
+        """Drops the entry of `key`; whether a live one was there."""
+    def __getitem__(self, key: _CacheKey, /) -> Any: ...
+    def __setitem__(self, key: _CacheKey, value: object, /) -> None: ...
+    def __delitem__(self, key: _CacheKey, /) -> None: ...
+    def __contains__(self, key: object, /) -> bool: ...
+    def __len__(self) -> int: ...
+    def expire(self) -> int:
+        """Drops every expired entry now and returns how many."""
+    def clear(self) -> None:
+        """Empties the cache; the counts in `stats()` stay."""
+    @property
+    def max_size(self) -> int:
+        """The most entries the cache holds."""
+    @property
+    def ttl(self) -> float | None:
+        """The default lifetime of an entry in seconds, or None."""
+    @property
+    def clock(self) -> ManualClock | None:
+        """The manual clock this cache reads, or None for the monotonic clock."""
+    def stats(self) -> dict[str, int]:
+        """Lifetime counts and the current size."""
+
+@final
+class CachedWriter:
+    """A write-behind's `set(key, value)` over a `LocalCache`: queues the write and fills the
+    cache in one call."""
+
+    def __call__(self, key: str | bytes | int, value: object, /) -> None: ...
+
+@final
 class WriteQueue:
     """The bounded, coalescing queue of pending writes behind `buttress.WriteBehind`."""
 
@@ -627,6 +673,21 @@ class WriteQueue:
         timeout: float | None = None,
     ) -> None:
         """Queues `key = value`; a newer write of a waiting key replaces it."""
+    def put_cached(
+        self,
+        key: str | bytes | int,
+        value: object,
+        cache: LocalCache,
+        *,
+        block: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """`put`, then `cache.set(key, value)` in the same call, so no other write of the key
+        can come between."""
+    def cached_writer(
+        self, cache: LocalCache, *, block: bool = False, timeout: float | None = None
+    ) -> CachedWriter:
+        """`put_cached` with `cache`, `block` and `timeout` bound once."""
     def delete(
         self, key: str | bytes | int, *, block: bool = False, timeout: float | None = None
     ) -> None:
@@ -648,5 +709,7 @@ class WriteQueue:
     @property
     def closed(self) -> bool:
         """Whether `close()` was called."""
+    def writes_to(self, key: str | bytes | int) -> int:
+        """A count that moves whenever a write of `key` is accepted."""
     def stats(self) -> dict[str, int]:
         """The queue's counters."""

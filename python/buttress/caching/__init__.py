@@ -1,8 +1,9 @@
-"""Caching: write-behind over the Rust write queue, cache-aside with single-flight loading,
-and write-through."""
+"""Caching: an in-process cache (Rust, S3-FIFO), write-behind over the Rust write queue,
+cache-aside with single-flight loading, and write-through."""
 
 from __future__ import annotations
 
+from buttress._core import LocalCache
 from buttress.caching.aside import CacheAside, WriteThrough
 from buttress.caching.writebehind import (
     DELETED,
@@ -19,6 +20,7 @@ __all__ = [
     "CacheBackend",
     "Database",
     "DictCache",
+    "LocalCache",
     "SQLiteDatabase",
     "WriteBehind",
     "WriteThrough",
