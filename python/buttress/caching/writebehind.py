@@ -25,17 +25,21 @@ b'ada'
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import contextlib
+import functools
 import logging
 import math
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
-from buttress._core import WriteQueue
+from buttress._core import LocalCache, WriteQueue
+from buttress.errors import WriteQueueFullError
 
 __all__ = [
     "DELETED",
@@ -45,14 +49,21 @@ __all__ = [
     "DictCache",
     "SQLiteDatabase",
     "WriteBehind",
+    "call",
     "check_backends",
     "fill",
+    "fill_after_read",
+    "fill_after_read_async",
+    "fill_async",
     "read_through",
+    "read_through_async",
+    "run_to_end",
 ]
 
 logger = logging.getLogger("buttress.writebehind")
 
 Key = str | bytes | int
+T = TypeVar("T")
 
 
 class _Deleted:
@@ -63,6 +74,11 @@ class _Deleted:
 
 
 DELETED: Any = _Deleted()
+# How often set_async looks for room in a full queue: from every half millisecond, doubling
+# up to every 20 ms.
+_FIRST_POLL = 0.0005
+_LONGEST_POLL = 0.02
+
 MISSING: Any = object()
 """What ``get(key, MISSING)`` returns on a miss, told apart from a stored None."""
 
@@ -70,7 +86,16 @@ MISSING: Any = object()
 @runtime_checkable
 class CacheBackend(Protocol):
     """The cache a ``WriteBehind`` (or ``CacheAside``, ``WriteThrough``) fronts. ``get``
-    returns ``default`` on a miss; ``set`` takes a ``ttl`` keyword when a TTL is configured."""
+    returns ``default`` on a miss; ``set`` takes a ``ttl`` keyword when a TTL is configured.
+
+    For the ``*_async`` methods of the services, a backend (cache or database) may offer
+    ``get_async``, ``set_async``, ``delete_async`` (``write_batch_async``) coroutines, which are
+    awaited; one whose calls never wait on I/O says ``blocking = False`` and is called
+    directly; any other is called in a worker thread.
+
+    A cache may also offer ``check(key, value)``, raising for what ``set`` would refuse
+    without storing anything; ``WriteBehind`` and ``WriteThrough`` call it before the write is
+    queued or reaches the database, so a refused value is refused whole."""
 
     def get(self, key: Key, default: Any = None) -> Any: ...
     def set(self, key: Key, value: Any) -> None: ...
@@ -88,7 +113,9 @@ class Database(Protocol):
 
 class DictCache:
     """A plain dict as the cache (unbounded, thread-safe under the GIL), with optional expiry
-    per entry: for tests and small data."""
+    per entry: for tests and small data. ``LocalCache`` is the bounded one."""
+
+    blocking = False
 
     def __init__(self) -> None:
         self.data: dict[Key, Any] = {}
@@ -207,7 +234,16 @@ class WriteBehind:
         self._backoff = (float(first), float(longest))
         self._dead_letter = dead_letter
         self.queue = WriteQueue(max_pending, max_attempts=max_attempts)
+        self._local = cache if isinstance(cache, LocalCache) else None
+        if self._local is not None:
+            # `set` becomes one call into Rust that queues the write and fills the cache.
+            self.__dict__["set"] = self.queue.cached_writer(
+                self._local, block=self._block, timeout=self._full_timeout
+            )
+        # A cache may say what it would refuse before the write is queued (RedisCache does).
+        self._check: Callable[[Key, Any], object] | None = getattr(cache, "check", None)
         self.dead_letters = 0
+        self._finishing: set[asyncio.Future[None]] = set()
         self._stopping = threading.Event()
         self._flusher = threading.Thread(
             target=self._run, name="buttress-write-behind", daemon=True
@@ -220,23 +256,145 @@ class WriteBehind:
     # -- the cache's face ----------------------------------------------------------------------
 
     def set(self, key: Key, value: Any) -> None:
-        """Writes ``value`` to the cache now and queues it for the database."""
+        """Writes ``value`` to the cache now and queues it for the database. Raises only when
+        the write is refused (the queue is full or closed, or the cache's ``check`` refuses
+        the key or value); a cache that fails once the write is queued is logged, and its
+        entry dropped, and the write stands."""
+        if self._local is not None:
+            self.queue.put_cached(
+                key, value, self._local, block=self._block, timeout=self._full_timeout
+            )
+            return
+        if self._check is not None:
+            self._check(key, value)
         self.queue.put(key, value, block=self._block, timeout=self._full_timeout)
-        self.cache.set(key, value)
+        self._follow(key, value, False)
 
     def delete(self, key: Key) -> None:
         """Removes ``key`` from the cache now and queues its deletion."""
         self.queue.delete(key, block=self._block, timeout=self._full_timeout)
-        self.cache.delete(key)
+        self._follow(key, None, True)
 
     def get(self, key: Key, default: Any = None) -> Any:
         """The newest value: a pending write first (the cache may have dropped it), then the
         cache, then the database (which then fills the cache)."""
+        since = self.queue.writes_to(key)
         pending = self.queue.read(key)
         if pending is not None:
             value, deleted = pending
             return default if deleted else value
-        return read_through(self.cache, self.database, key, default, None)
+        writes = functools.partial(self.queue.writes_to, key)
+        return read_through(self.cache, self.database, key, default, None, writes, since)
+
+    async def set_async(self, key: Key, value: Any) -> None:
+        """``set`` from a coroutine. A full queue is waited on without blocking the loop (and
+        a task cancelled while it waits queues nothing); once the write is queued, the cache
+        is brought up to date even if the task is cancelled."""
+        if self._local is not None:
+            await self._enqueue_async(self.queue.put_cached, key, value, self._local)
+            return
+        if self._check is not None:
+            self._check(key, value)
+        await self._enqueue_async(self.queue.put, key, value)
+        await self._finish(key, self._follow_async(key, value, False))
+
+    async def delete_async(self, key: Key) -> None:
+        """``delete`` from a coroutine, waiting and finishing as ``set_async`` does."""
+        await self._enqueue_async(self.queue.delete, key)
+        await self._finish(key, self._follow_async(key, None, True))
+
+    async def get_async(self, key: Key, default: Any = None) -> Any:
+        """``get`` from a coroutine."""
+        since = self.queue.writes_to(key)
+        pending = self.queue.read(key)
+        if pending is not None:
+            value, deleted = pending
+            return default if deleted else value
+        writes = functools.partial(self.queue.writes_to, key)
+        return await read_through_async(
+            self.cache, self.database, key, default, None, writes, since
+        )
+
+    def _follow(self, key: Key, value: Any, deleted: bool) -> None:
+        """Brings the cache up to date with a write just queued."""
+        try:
+            if deleted:
+                self.cache.delete(key)
+            else:
+                self.cache.set(key, value)
+                if self._overtaken(key, value):
+                    self.cache.delete(key)
+        except Exception:
+            self._log_cache_failure(key)
+            with contextlib.suppress(Exception):
+                self.cache.delete(key)
+
+    async def _follow_async(self, key: Key, value: Any, deleted: bool) -> None:
+        """``_follow`` from a coroutine."""
+        try:
+            if deleted:
+                await call(self.cache, "delete", key)
+            else:
+                await call(self.cache, "set", key, value)
+                if self._overtaken(key, value):
+                    await call(self.cache, "delete", key)
+        except Exception:
+            self._log_cache_failure(key)
+            with contextlib.suppress(Exception):
+                await call(self.cache, "delete", key)
+
+    async def _finish(self, key: Key, work: Coroutine[Any, Any, None]) -> None:
+        # The write is queued, so the cache must follow it even if the caller is cancelled now.
+        try:
+            await run_to_end(work, self._finishing)
+        except asyncio.CancelledError:
+            # The cache step goes on, but may hang; the entry is dropped too, so that reads
+            # find the old value neither way (whichever lands last, neither is stale).
+            drop = asyncio.ensure_future(self._follow_async(key, None, True))
+            self._finishing.add(drop)
+            drop.add_done_callback(self._finishing.discard)
+            raise
+
+    @staticmethod
+    def _log_cache_failure(key: Key) -> None:
+        # The write is queued and will reach the database, so it stands and the caller is not
+        # told it failed; the entry is dropped (if the cache answers) so no read gets the old
+        # value from it.
+        logger.warning(
+            "The cache failed on %r after its write was queued; the write stands and the "
+            "entry is dropped from the cache.",
+            key,
+            exc_info=True,
+        )
+
+    def _overtaken(self, key: Key, value: Any) -> bool:
+        # Two writers of one key can queue in one order and fill the cache in the other; the
+        # one whose value is no longer the newest pending write drops the cache entry it just
+        # wrote, so the cache never keeps a value the database will not end up with. (A
+        # LocalCache is filled in the same call as the queue, which cannot be overtaken.)
+        pending = self.queue.read(key)
+        return pending is None or pending[1] or pending[0] is not value
+
+    async def _enqueue_async(self, enqueue: Callable[..., None], *args: Any) -> None:
+        # A full queue is polled with a growing pause rather than waited on in a thread, so a
+        # cancelled caller leaves nothing behind that could still queue its write.
+        deadline = None if self._full_timeout is None else time.monotonic() + self._full_timeout
+        pause = _FIRST_POLL
+        while True:
+            try:
+                enqueue(*args)
+                return
+            except WriteQueueFullError:
+                if not self._block:
+                    raise
+                if deadline is None:
+                    await asyncio.sleep(pause)
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise
+                    await asyncio.sleep(min(pause, left))
+                pause = min(pause * 2, _LONGEST_POLL)
 
     # -- draining ------------------------------------------------------------------------------
 
@@ -257,13 +415,25 @@ class WriteBehind:
             (key, DELETED if deleted else value) for key, value, deleted in self.queue.unsettled()
         ]
 
+    async def flush_async(self, timeout: float | None = None) -> bool:
+        """``flush`` from a coroutine (the wait runs in a worker thread)."""
+        return await asyncio.to_thread(self.flush, timeout)
+
+    async def close_async(self, timeout: float | None = 10.0) -> list[tuple[Key, Any]]:
+        """``close`` from a coroutine (the wait runs in a worker thread)."""
+        return await asyncio.to_thread(self.close, timeout)
+
     def __enter__(self) -> WriteBehind:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        left = self.close()
-        if left:
-            logger.error("Write-behind closed with %d writes not written.", len(left))
+        _log_unwritten(self.close())
+
+    async def __aenter__(self) -> WriteBehind:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        _log_unwritten(await self.close_async())
 
     def stats(self) -> dict[str, int]:
         """The queue's counters, and dead letters handed over."""
@@ -339,26 +509,124 @@ def check_backends(cache: object, database: object) -> None:
         raise TypeError(f"database must have write_batch and get (got {type(database).__name__}).")
 
 
+async def call(backend: object, name: str, *args: Any, **kwargs: Any) -> Any:
+    """``backend.<name>(...)`` from a coroutine: its ``<name>_async`` twin awaited when it has
+    one, called directly when the backend says ``blocking = False``, else in a worker thread
+    (so a blocking client never stalls the event loop)."""
+    twin = getattr(backend, f"{name}_async", None)
+    if twin is not None:
+        return await twin(*args, **kwargs)
+    method = getattr(backend, name)
+    if getattr(backend, "blocking", True) is False:
+        return method(*args, **kwargs)
+    return await asyncio.to_thread(method, *args, **kwargs)
+
+
+async def run_to_end(work: Coroutine[Any, Any, T], running: set[asyncio.Future[Any]]) -> T:
+    """Awaits ``work`` as a task of its own that a cancelled caller does not stop: a write
+    whose database or queue step may already have happened must bring the cache up to date
+    whatever becomes of the caller. ``running`` keeps the task alive until it ends."""
+    task = asyncio.ensure_future(work)
+    running.add(task)
+    task.add_done_callback(running.discard)
+    return await asyncio.shield(task)
+
+
+def _ttl_keyword(ttl: float | None) -> dict[str, float]:
+    # Caches that take no ttl are passed none, so any CacheBackend works when none is set.
+    return {} if ttl is None else {"ttl": ttl}
+
+
 def fill(cache: CacheBackend, key: Key, value: Any, ttl: float | None) -> None:
     """Caches ``value``, with ``ttl`` when one is configured."""
-    if ttl is None:
-        cache.set(key, value)
-    else:
-        cache.set(key, value, ttl=ttl)  # type: ignore[call-arg]
+    cache.set(key, value, **_ttl_keyword(ttl))
+
+
+async def fill_async(cache: CacheBackend, key: Key, value: Any, ttl: float | None) -> None:
+    """``fill`` from a coroutine."""
+    await call(cache, "set", key, value, **_ttl_keyword(ttl))
+
+
+def fill_after_read(cache: CacheBackend, key: Key, value: Any, ttl: float | None) -> None:
+    """``fill`` for a value just read from the database: the read has its answer either way,
+    so a cache that fails (or refuses the value) is logged rather than failing the read."""
+    try:
+        fill(cache, key, value, ttl)
+    except Exception:
+        _log_fill_failure(key)
+
+
+async def fill_after_read_async(
+    cache: CacheBackend, key: Key, value: Any, ttl: float | None
+) -> None:
+    """``fill_after_read`` from a coroutine."""
+    try:
+        await fill_async(cache, key, value, ttl)
+    except Exception:
+        _log_fill_failure(key)
+
+
+def _log_fill_failure(key: Key) -> None:
+    logger.warning(
+        "The cache failed to take %r read from the database; the read goes on without it.",
+        key,
+        exc_info=True,
+    )
 
 
 def read_through(
-    cache: CacheBackend, database: Database, key: Key, default: Any, ttl: float | None
+    cache: CacheBackend,
+    database: Database,
+    key: Key,
+    default: Any,
+    ttl: float | None,
+    writes: Callable[[], object] | None = None,
+    since: object = None,
 ) -> Any:
-    """The cached value, else the database's (which then fills the cache), else ``default``."""
+    """The cached value, else the database's (which then fills the cache), else ``default``.
+
+    ``writes()`` tells writes apart (a count, or a token): when it no longer equals ``since``
+    (taken before the read began) after the fill, a write came meanwhile, and the value just
+    cached may be older than it, so the entry is dropped again."""
     value = cache.get(key, MISSING)
     if value is not MISSING:
         return value
     value = database.get(key, MISSING)
     if value is MISSING:
         return default
-    fill(cache, key, value, ttl)
+    fill_after_read(cache, key, value, ttl)
+    if writes is not None and writes() != since:
+        with contextlib.suppress(Exception):
+            cache.delete(key)
     return value
+
+
+async def read_through_async(
+    cache: CacheBackend,
+    database: Database,
+    key: Key,
+    default: Any,
+    ttl: float | None,
+    writes: Callable[[], object] | None = None,
+    since: object = None,
+) -> Any:
+    """``read_through`` from a coroutine."""
+    value = await call(cache, "get", key, MISSING)
+    if value is not MISSING:
+        return value
+    value = await call(database, "get", key, MISSING)
+    if value is MISSING:
+        return default
+    await fill_after_read_async(cache, key, value, ttl)
+    if writes is not None and writes() != since:
+        with contextlib.suppress(Exception):
+            await call(cache, "delete", key)
+    return value
+
+
+def _log_unwritten(left: list[tuple[Key, Any]]) -> None:
+    if left:
+        logger.error("Write-behind closed with %d writes not written.", len(left))
 
 
 def _close_at_exit(reference: weakref.ref[WriteBehind]) -> None:
