@@ -5,7 +5,9 @@ Run with the release build (``pip install '.[bench]'`` into a venv of its own):
     python -m pytest benches -p no:cacheprovider
 
 The shared timing recipe is in ``_harness.py``. Targets are printed as PASS/MISS for
-information only: nothing here fails the run on a time.
+information only: nothing here fails the run on a time. Results that are not timings (a cache's
+hit ratio on a trace) are added by their tests through the ``report_section`` fixture and
+printed after the groups' tables.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from _harness import (
 
 _RESULTS = pytest.StashKey[list[Result]]()
 _CASES = pytest.StashKey[dict[str, list[Case]]]()
+_SECTIONS = pytest.StashKey[list[tuple[str, list[str]]]]()
 # A median this much above the fastest round means other load slowed most of the rounds.
 NOISY_SPREAD = 1.25
 
@@ -40,11 +43,25 @@ NOISY_SPREAD = 1.25
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RESULTS] = []
     config.stash[_CASES] = {}
+    config.stash[_SECTIONS] = []
 
 
 @pytest.fixture
 def bench(benchmark: Any, request: pytest.FixtureRequest) -> Bench:
     return Bench(benchmark, request.config.stash[_RESULTS], request.config.stash[_CASES])
+
+
+@pytest.fixture
+def report_section(request: pytest.FixtureRequest) -> Callable[[str, list[str]], None]:
+    """``report_section(title, lines)`` adds a section to the report, printed after the groups'
+    tables: for what a test measures that is not a time (a hit ratio), so it is read beside the
+    times."""
+    sections = request.config.stash[_SECTIONS]
+
+    def add(title: str, lines: list[str]) -> None:
+        sections.append((title, list(lines)))
+
+    return add
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -199,6 +216,15 @@ TARGETS = (
         4.0,
         "time",
     ),
+    Target(
+        "cache get-hit: buttress >= 2.5x faster than cachetools' LRU",
+        "cache-get-hit",
+        ("get()", "[]"),
+        "cachetools",
+        ("get()", "[]"),
+        2.5,
+        "time",
+    ),
 )
 
 
@@ -247,15 +273,18 @@ def _describe_build() -> str:
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     results = config.stash.get(_RESULTS, [])
-    if not results:
+    sections = config.stash.get(_SECTIONS, [])
+    if not results and not sections:
         return
     write = terminalreporter.write_line
     terminalreporter.write_sep("=", "buttress vs peers")
-    if all(result.median is None for result in results):
-        write(
-            f"Benchmarks were disabled (--benchmark-disable): each of the {len(results)} "
-            "bodies ran once and passed its check; no timings, so no ratios."
-        )
+    if not any(result.median is not None for result in results):
+        if results:
+            write(
+                f"Benchmarks were disabled (--benchmark-disable): each of the {len(results)} "
+                "bodies ran once and passed its check; no timings, so no ratios."
+            )
+        _write_sections(write, sections)
         return
     write(_describe_build())
     cpus = os.cpu_count() or 0
@@ -271,7 +300,16 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     groups = {name: interleave(name, cases) for name, cases in config.stash[_CASES].items()}
     for name, members in groups.items():
         _write_group(write, name, members)
+    _write_sections(write, sections)
     _write_targets(write, groups)
+
+
+def _write_sections(write: Callable[[str], None], sections: list[tuple[str, list[str]]]) -> None:
+    for title, lines in sections:
+        write("")
+        write(f"[{title}]")
+        for line in lines:
+            write(f"  {line}")
 
 
 def _bare(members: list[Result]) -> float | None:

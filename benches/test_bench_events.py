@@ -29,6 +29,7 @@ from typing import Any
 import psycopg
 import pytest
 from _harness import BUTTRESS, Bench, Case, Counts, Crowd, Made, registrar
+from _services import POSTGRES_URL, postgres_answered, require_postgres
 from buttress import NewEvent
 from buttress.backends.postgres_events import PostgresEventStore
 from buttress.events.aggregate import Aggregate, Event, Repository, applies
@@ -355,7 +356,6 @@ def test_events_durable(bench: Bench, case: Case) -> None:
 
 # --- events-append-postgres: one event per save on a PostgreSQL server -----------------------
 
-POSTGRES_URL = os.environ.get("BUTTRESS_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 # Every table, function and schema made here is named from this, so none outlives the run.
 PG_NAMES = f"bench_events_{uuid.uuid4().hex[:8]}"
 POSTGRES_COUNTS = Counts(
@@ -363,19 +363,6 @@ POSTGRES_COUNTS = Counts(
 )
 POSTGRES: list[Case] = []
 add_postgres = registrar(POSTGRES, POSTGRES_COUNTS)
-_postgres_answers: bool | None = None
-
-
-def _require_postgres() -> None:
-    global _postgres_answers
-    if _postgres_answers is None:
-        try:
-            psycopg.connect(POSTGRES_URL, connect_timeout=2).close()
-            _postgres_answers = True
-        except psycopg.OperationalError:
-            _postgres_answers = False
-    if not _postgres_answers:
-        pytest.skip(f"PostgreSQL does not answer at {POSTGRES_URL} (BUTTRESS_POSTGRES_URL)")
 
 
 def _admin(*statements: str) -> None:
@@ -394,7 +381,7 @@ def _drop_prefix(prefix: str) -> None:
 def _drop_everything_made_here() -> None:
     """The safety net for a case whose check never ran (its body failed): at exit, whatever is
     still named from PG_NAMES goes."""
-    if not _postgres_answers:
+    if not postgres_answered():
         return
     with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as admin:
         schemas = admin.execute(
@@ -458,5 +445,5 @@ def _() -> Made:
 @pytest.mark.benchmark(group="events-append-postgres")
 @pytest.mark.parametrize("case", POSTGRES, ids=lambda case: case.id)
 def test_events_append_postgres(bench: Bench, case: Case) -> None:
-    _require_postgres()
+    require_postgres()
     bench(case, expect=True)

@@ -4,7 +4,6 @@ real PostgreSQL server."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import types
@@ -28,6 +27,7 @@ from _harness import (
     Make,
     registrar,
 )
+from _services import POSTGRES_URL, require_postgres
 from buttress.backends.postgres import postgres_pool
 from dbutils.pooled_db import PooledDB
 from psycopg import pq
@@ -541,25 +541,9 @@ def test_pool_contended_io(bench: Bench, case: Case) -> None:
 
 # --- pool-postgres: checkout + `select 1` + checkin on a real server --------------------------
 
-POSTGRES_URL = os.environ.get("BUTTRESS_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 POSTGRES_COUNTS = Counts(
     rounds=30, iterations=100, warmup_rounds=3, interleaved_rounds=60, interleaved_calls=100
 )
-_postgres_answers: bool | None = None
-
-
-def _require_postgres() -> None:
-    global _postgres_answers
-    if _postgres_answers is None:
-        try:
-            psycopg.connect(POSTGRES_URL, connect_timeout=2).close()
-            _postgres_answers = True
-        except psycopg.OperationalError:
-            _postgres_answers = False
-    if not _postgres_answers:
-        pytest.skip(f"PostgreSQL does not answer at {POSTGRES_URL} (BUTTRESS_POSTGRES_URL)")
-
-
 # Every case runs the same statement through psycopg on one non-autocommit connection, so each
 # cycle is the same three round trips everywhere: BEGIN, the query, and the end of the
 # transaction (buttress's reset rolls back, psycopg_pool's `with` commits, SQLAlchemy resets
@@ -654,5 +638,5 @@ def _() -> Made:
 @pytest.mark.benchmark(group="pool-postgres")
 @pytest.mark.parametrize("case", POSTGRES, ids=lambda case: case.id)
 def test_pool_postgres(bench: Bench, case: Case) -> None:
-    _require_postgres()
+    require_postgres()
     bench(case, expect=(1,))
