@@ -9,7 +9,9 @@ import sys
 import types
 
 import buttress
+import buttress.backends.redis
 import buttress.backends.sqlite
+import buttress.caching
 import buttress.caching.aside
 import buttress.caching.writebehind
 import buttress.errors
@@ -65,6 +67,7 @@ def test_readme_example_runs(index: int, capsys: pytest.CaptureFixture[str]) -> 
     [
         buttress,
         buttress.errors,
+        buttress.caching,
         buttress.events.store,
         buttress.events.aggregate,
         buttress.events.cqrs,
@@ -77,6 +80,7 @@ def test_readme_example_runs(index: int, capsys: pytest.CaptureFixture[str]) -> 
         buttress.routing.balancer,
         buttress.routing.sharding,
         buttress.backends.sqlite,
+        buttress.backends.redis,
         buttress.resilience.breaker,
         buttress.resilience.bulkhead,
     ],
@@ -97,11 +101,12 @@ def test_extension_docstring_examples() -> None:
         "ManualClock": _core.ManualClock,
         "ConnectionPool": _core.ConnectionPool,
         "HashRing": _core.HashRing,
+        "LocalCache": _core.LocalCache,
     }
     finder = doctest.DocTestFinder()
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     names = ("CircuitBreaker", "CircuitPermit", "Bulkhead", "ManualClock", "ConnectionPool")
-    names += ("HashRing",)
+    names += ("HashRing", "LocalCache")
     for name in (*names, "PoolLease"):
         for test in finder.find(getattr(_core, name), name, globs=dict(globs)):
             runner.run(test)
