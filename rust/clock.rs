@@ -84,6 +84,13 @@ pub fn nanos_to_seconds(nanos: u64) -> f64 {
     nanos as f64 / 1e9
 }
 
+/// `from + wait`, or a century on for a wait longer than an `Instant` can hold: a caller's
+/// "as long as it takes" must not overflow.
+pub fn instant_after(from: std::time::Instant, wait: std::time::Duration) -> std::time::Instant {
+    from.checked_add(wait)
+        .unwrap_or_else(|| from + std::time::Duration::from_secs(100 * 365 * 86_400))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

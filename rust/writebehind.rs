@@ -11,10 +11,16 @@
 //!   is handed back as a dead letter instead, so one poison entry cannot stall the rest.
 //! - **Bounded.** Pending and in-flight writes together never exceed the capacity; a producer
 //!   that finds it full waits (up to its deadline) or is refused.
+//! - **Batches by size and time.** `take` may linger: it waits for a full batch, but never
+//!   holds the oldest waiting write back longer than the linger it is given (Kafka's
+//!   `linger.ms`, Hazelcast's write delay), so writes coalesce and share transactions. A retry,
+//!   writes left over from a full batch, a closed queue or a thread waiting for the queue to
+//!   drain end the lingering at once.
 //!
 //! Plain Rust: keys are any `Hash + Eq + Clone`, values anything `Clone` (the binding stores
 //! reference-counted Python objects, so a clone never needs the GIL).
 
+use crate::clock::instant_after;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -89,6 +95,14 @@ struct State<K, V> {
     /// Writes accepted per stripe of keys (by a fixed hash), so a reader can tell that a write
     /// of its key came while it read, without the queue remembering every key ever written.
     writes_by_stripe: Box<[u64; WRITE_STRIPES]>,
+    /// When the oldest write now waiting was queued (None while none waits): a lingering
+    /// `take` holds it back no longer than its linger from then.
+    waiting_since: Option<Instant>,
+    /// The writes waiting are due at once: a retry, or what a full batch left behind.
+    due_now: bool,
+    /// The batch size a lingering `take` waits for (0 when none lingers), so a producer wakes
+    /// it only when that many writes wait, not on every write.
+    lingering_for: usize,
     /// Threads waiting on each condition, so a change wakes (a system call) only when needed.
     waiting_for_space: usize,
     waiting_for_work: usize,
@@ -120,6 +134,9 @@ impl<K: Hash + Eq + Clone + Send, V: Clone + Send> WriteQueue<K, V> {
                     ..Stats::default()
                 },
                 writes_by_stripe: Box::new([0; WRITE_STRIPES]),
+                waiting_since: None,
+                due_now: false,
+                lingering_for: 0,
                 waiting_for_space: 0,
                 waiting_for_work: 0,
                 waiting_for_idle: 0,
@@ -214,11 +231,16 @@ impl<K: Hash + Eq + Clone + Send, V: Clone + Send> WriteQueue<K, V> {
             return Err(Refused::Full);
         }
         state.writes_by_stripe[stripe(&key)] += 1;
+        if state.pending.is_empty() {
+            state.waiting_since = Some(Instant::now());
+        }
         state.pending.insert(key.clone(), Slot { op, attempts: 0 });
         state.order.push_back(key);
         state.stats.enqueued += 1;
         self.note_depth(state);
-        if state.waiting_for_work > 0 {
+        if state.waiting_for_work > 0
+            || (state.lingering_for > 0 && state.pending.len() >= state.lingering_for)
+        {
             self.work.notify_one();
         }
         Ok(())
@@ -232,12 +254,27 @@ impl<K: Hash + Eq + Clone + Send, V: Clone + Send> WriteQueue<K, V> {
     }
 
     /// Takes up to `max` waiting writes, oldest turn first, skipping keys with a write in
-    /// flight; waits up to `timeout` when there are none. Returns nothing once the queue is
+    /// flight; waits up to `timeout` when there are none. With a `linger`, it waits for `max`
+    /// writes, but no longer than `linger` after the oldest of them was queued (see the
+    /// module's notes for what ends that wait early). Returns nothing once the queue is
     /// closed and empty.
-    pub fn take(&self, max: usize, timeout: Duration) -> Vec<Taken<K, V>> {
-        let deadline = Instant::now() + timeout;
+    pub fn take(&self, max: usize, timeout: Duration, linger: Duration) -> Vec<Taken<K, V>> {
+        let deadline = instant_after(Instant::now(), timeout);
         let mut state = self.lock();
         loop {
+            if let Some(due) = self.lingers_until(&state, max, linger) {
+                let now = Instant::now();
+                if now < due {
+                    state.lingering_for = max;
+                    state = self
+                        .work
+                        .wait_timeout(state, due - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                    state.lingering_for = 0;
+                    continue;
+                }
+            }
             let taken = self.take_now(&mut state, max);
             if !taken.is_empty() || state.closed {
                 return taken;
@@ -254,6 +291,21 @@ impl<K: Hash + Eq + Clone + Send, V: Clone + Send> WriteQueue<K, V> {
                 .0;
             state.waiting_for_work -= 1;
         }
+    }
+
+    /// When a `take` may stop lingering for company, or None when it must not linger now.
+    fn lingers_until(&self, state: &State<K, V>, max: usize, linger: Duration) -> Option<Instant> {
+        let lingers = !linger.is_zero()
+            && !state.pending.is_empty()
+            && state.pending.len() < max
+            && !state.due_now
+            && !state.closed
+            && state.waiting_for_idle == 0;
+        lingers.then(|| {
+            state
+                .waiting_since
+                .map_or_else(Instant::now, |since| instant_after(since, linger))
+        })
     }
 
     fn take_now(&self, state: &mut State<K, V>, max: usize) -> Vec<Taken<K, V>> {
@@ -278,6 +330,11 @@ impl<K: Hash + Eq + Clone + Send, V: Clone + Send> WriteQueue<K, V> {
         // Keys skipped for a write in flight keep their turn, ahead of the rest.
         while let Some(key) = skipped.pop_back() {
             state.order.push_front(key);
+        }
+        // What a batch leaves behind has waited its turn already, so it is due at once.
+        state.due_now = !state.pending.is_empty();
+        if state.pending.is_empty() {
+            state.waiting_since = None;
         }
         self.note_depth(state);
         taken
@@ -314,9 +371,14 @@ impl<K: Hash + Eq + Clone + Send, V: Clone + Send> WriteQueue<K, V> {
             Failed::DeadLetter(slot.op)
         } else {
             state.stats.retried += 1;
+            if state.pending.is_empty() {
+                state.waiting_since = Some(Instant::now());
+            }
             state.pending.insert(key.clone(), slot);
             state.order.push_front(key.clone());
-            if state.waiting_for_work > 0 {
+            // The caller paces retries (its backoff); the retry must not linger on top of it.
+            state.due_now = true;
+            if state.waiting_for_work > 0 || state.lingering_for > 0 {
                 self.work.notify_one();
             }
             Failed::Retried
@@ -351,7 +413,7 @@ impl<K: Hash + Eq + Clone + Send, V: Clone + Send> WriteQueue<K, V> {
 
     /// Waits until nothing is waiting or in flight, up to `timeout`; true if so.
     pub fn wait_idle(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = instant_after(Instant::now(), timeout);
         let mut state = self.lock();
         loop {
             if state.pending.is_empty() && state.in_flight.is_empty() {
@@ -360,6 +422,10 @@ impl<K: Hash + Eq + Clone + Send, V: Clone + Send> WriteQueue<K, V> {
             let now = Instant::now();
             if now >= deadline {
                 return false;
+            }
+            if state.lingering_for > 0 {
+                // A drain is wanted: the lingering batch goes out now.
+                self.work.notify_all();
             }
             state.waiting_for_idle += 1;
             state = self
@@ -424,7 +490,7 @@ mod tests {
         Err(Refused::Full)
     }
 
-    fn keys(taken: &[Taken<&'static str, u32>]) -> Vec<&'static str> {
+    fn keys<K: Copy, V>(taken: &[Taken<K, V>]) -> Vec<K> {
         taken.iter().map(|t| t.key).collect()
     }
 
@@ -435,7 +501,7 @@ mod tests {
         queue.try_enqueue("b", Op::Put(1)).unwrap();
         queue.try_enqueue("a", Op::Put(2)).unwrap();
         queue.try_enqueue("a", Op::Delete).unwrap();
-        let taken = queue.take(10, Duration::ZERO);
+        let taken = queue.take(10, Duration::ZERO, Duration::ZERO);
         assert_eq!(keys(&taken), ["a", "b"]);
         assert_eq!(taken[0].op, Op::Delete);
         let stats = queue.stats();
@@ -446,17 +512,17 @@ mod tests {
     fn a_key_in_flight_is_not_taken_again_until_it_settles() {
         let queue = WriteQueue::new(10, 3);
         queue.try_enqueue("a", Op::Put(1)).unwrap();
-        assert_eq!(keys(&queue.take(10, Duration::ZERO)), ["a"]);
+        assert_eq!(keys(&queue.take(10, Duration::ZERO, Duration::ZERO)), ["a"]);
         queue.try_enqueue("a", Op::Put(2)).unwrap();
         queue.try_enqueue("b", Op::Put(1)).unwrap();
-        assert_eq!(keys(&queue.take(10, Duration::ZERO)), ["b"]);
+        assert_eq!(keys(&queue.take(10, Duration::ZERO, Duration::ZERO)), ["b"]);
         assert_eq!(
             queue.read(&"a"),
             Some(Op::Put(2)),
             "reads see the newest write"
         );
         queue.done([&"a"]);
-        let again = queue.take(10, Duration::ZERO);
+        let again = queue.take(10, Duration::ZERO, Duration::ZERO);
         assert_eq!(again[0].op, Op::Put(2));
     }
 
@@ -465,9 +531,12 @@ mod tests {
         let queue = WriteQueue::new(10, 2);
         queue.try_enqueue("bad", Op::Put(1)).unwrap();
         queue.try_enqueue("good", Op::Put(1)).unwrap();
-        assert_eq!(keys(&queue.take(1, Duration::ZERO)), ["bad"]);
+        assert_eq!(
+            keys(&queue.take(1, Duration::ZERO, Duration::ZERO)),
+            ["bad"]
+        );
         assert_eq!(queue.failed(&"bad"), Some(Failed::Retried));
-        let taken = queue.take(10, Duration::ZERO);
+        let taken = queue.take(10, Duration::ZERO, Duration::ZERO);
         assert_eq!(keys(&taken), ["bad", "good"]);
         assert_eq!(taken[0].attempts, 1);
         assert_eq!(queue.failed(&"bad"), Some(Failed::DeadLetter(Op::Put(1))));
@@ -489,10 +558,13 @@ mod tests {
     fn a_newer_write_supersedes_a_failed_one() {
         let queue = WriteQueue::new(10, 5);
         queue.try_enqueue("a", Op::Put(1)).unwrap();
-        queue.take(10, Duration::ZERO);
+        queue.take(10, Duration::ZERO, Duration::ZERO);
         queue.try_enqueue("a", Op::Put(2)).unwrap();
         assert_eq!(queue.failed(&"a"), Some(Failed::Superseded));
-        assert_eq!(queue.take(10, Duration::ZERO)[0].op, Op::Put(2));
+        assert_eq!(
+            queue.take(10, Duration::ZERO, Duration::ZERO)[0].op,
+            Op::Put(2)
+        );
     }
 
     #[test]
@@ -533,10 +605,13 @@ mod tests {
             })
         };
         std::thread::sleep(Duration::from_millis(20));
-        let taken = queue.take(1, Duration::ZERO);
+        let taken = queue.take(1, Duration::ZERO, Duration::ZERO);
         queue.done(taken.iter().map(|t| &t.key));
         producer.join().unwrap().unwrap();
-        assert_eq!(queue.take(1, Duration::from_secs(1))[0].key, 2);
+        assert_eq!(
+            queue.take(1, Duration::from_secs(1), Duration::ZERO)[0].key,
+            2
+        );
     }
 
     #[test]
@@ -545,10 +620,109 @@ mod tests {
         queue.try_enqueue("a", Op::Put(1)).unwrap();
         queue.close();
         assert_eq!(queue.try_enqueue("b", Op::Put(1)), Err(Refused::Closed));
-        assert_eq!(keys(&queue.take(10, Duration::from_secs(5))), ["a"]);
+        assert_eq!(
+            keys(&queue.take(10, Duration::from_secs(5), Duration::ZERO)),
+            ["a"]
+        );
         let started = Instant::now();
-        assert!(queue.take(10, Duration::from_secs(5)).is_empty());
+        assert!(queue
+            .take(10, Duration::from_secs(5), Duration::ZERO)
+            .is_empty());
         assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_lingering_take_holds_a_lone_write_no_longer_than_its_linger() {
+        let queue = WriteQueue::new(100, 3);
+        queue.try_enqueue(1u32, Op::Put(1u32)).unwrap();
+        let started = Instant::now();
+        let taken = queue.take(10, Duration::from_secs(5), Duration::from_millis(40));
+        let waited = started.elapsed();
+        assert_eq!(keys(&taken), [1]);
+        assert!(waited >= Duration::from_millis(35), "left after {waited:?}");
+        assert!(waited < Duration::from_secs(2), "left after {waited:?}");
+    }
+
+    #[test]
+    fn the_linger_counts_from_the_oldest_write_not_from_the_take() {
+        let queue = WriteQueue::new(100, 3);
+        queue.try_enqueue(1u32, Op::Put(1u32)).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        queue.take(10, Duration::from_secs(5), Duration::from_millis(250));
+        // Counted from the take, it would wait 250 ms.
+        assert!(started.elapsed() < Duration::from_millis(200));
+    }
+
+    #[test]
+    fn a_full_batch_ends_the_linger() {
+        let queue = Arc::new(WriteQueue::new(100, 3));
+        queue.try_enqueue(0u32, Op::Put(0u32)).unwrap();
+        let producer = {
+            let queue = queue.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                for key in 1..4 {
+                    queue.try_enqueue(key, Op::Put(key)).unwrap();
+                }
+            })
+        };
+        let started = Instant::now();
+        let taken = queue.take(4, Duration::from_secs(5), Duration::from_secs(10));
+        assert_eq!(taken.len(), 4);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        producer.join().unwrap();
+    }
+
+    #[test]
+    fn a_drain_closing_or_a_retry_ends_the_linger() {
+        let linger = Duration::from_secs(30);
+        // A thread waiting for the queue to drain.
+        let queue = Arc::new(WriteQueue::new(100, 3));
+        queue.try_enqueue(1u32, Op::Put(1u32)).unwrap();
+        let drainer = {
+            let queue = queue.clone();
+            std::thread::spawn(move || queue.wait_idle(Duration::from_secs(10)))
+        };
+        let taken = queue.take(10, Duration::from_secs(5), linger);
+        queue.done(taken.iter().map(|t| &t.key));
+        assert!(drainer.join().unwrap());
+        // Closing.
+        let queue = Arc::new(WriteQueue::new(100, 3));
+        queue.try_enqueue(1u32, Op::Put(1u32)).unwrap();
+        let closer = {
+            let queue = queue.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                queue.close();
+            })
+        };
+        let started = Instant::now();
+        assert_eq!(keys(&queue.take(10, Duration::from_secs(5), linger)), [1]);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        closer.join().unwrap();
+        // A retry (the caller paces it) and what a full batch leaves are due at once.
+        let queue = WriteQueue::new(100, 3);
+        for key in 0..3u32 {
+            queue.try_enqueue(key, Op::Put(key)).unwrap();
+        }
+        let started = Instant::now();
+        assert_eq!(keys(&queue.take(2, Duration::ZERO, linger)), [0, 1]);
+        assert_eq!(keys(&queue.take(2, Duration::ZERO, linger)), [2]);
+        assert_eq!(queue.failed(&2), Some(Failed::Retried));
+        assert_eq!(keys(&queue.take(2, Duration::ZERO, linger)), [2]);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn huge_waits_do_not_overflow() {
+        let queue: WriteQueue<u32, u32> = WriteQueue::new(4, 1);
+        queue.try_enqueue(1, Op::Put(1)).unwrap();
+        assert_eq!(keys(&queue.take(4, Duration::MAX, Duration::ZERO)), [1]);
+        queue.done([&1]);
+        assert!(queue.wait_idle(Duration::MAX));
+        queue.close();
+        assert!(queue.take(4, Duration::MAX, Duration::MAX).is_empty());
     }
 
     #[test]
@@ -576,7 +750,7 @@ mod tests {
             std::thread::spawn(move || {
                 let mut seen: HashMap<u32, u32> = HashMap::new();
                 loop {
-                    let taken = queue.take(16, Duration::from_millis(50));
+                    let taken = queue.take(16, Duration::from_millis(50), Duration::ZERO);
                     if taken.is_empty() && queue.is_closed() {
                         return seen;
                     }

@@ -3,6 +3,7 @@
 //! objects the queue never looks into, and every wait releases the GIL.
 
 use crate::cache_py::{key_hash, LocalCache};
+use crate::clock::instant_after;
 use crate::errors::Error;
 use crate::writebehind::{Failed, Op, Refused, Taken, WriteQueue as Core};
 use pyo3::gc::PyVisit;
@@ -73,6 +74,19 @@ fn op_parts<'py>(py: Python<'py>, op: &Op<Value>) -> (Bound<'py, PyAny>, bool) {
     }
 }
 
+/// A wait of `value` seconds: any number from 0; one longer than a `Duration` holds is
+/// as long as it takes.
+fn seconds(argument: &'static str, value: f64) -> PyResult<Duration> {
+    if !(value >= 0.0 && value.is_finite()) {
+        return Err(Error::invalid(
+            argument,
+            format!("{argument} must be a finite number of seconds from 0 (got {value})."),
+        )
+        .into());
+    }
+    Ok(Duration::try_from_secs_f64(value).unwrap_or(Duration::MAX))
+}
+
 fn full_error(capacity: usize) -> PyErr {
     Error::WriteQueueFull { capacity }.into()
 }
@@ -123,16 +137,7 @@ impl WriteQueue {
         }
         let deadline = match timeout {
             None => None,
-            Some(seconds) if seconds >= 0.0 && seconds.is_finite() => {
-                Some(Instant::now() + Duration::from_secs_f64(seconds))
-            }
-            Some(seconds) => {
-                return Err(Error::invalid(
-                    "timeout",
-                    format!("timeout must be a number of seconds from 0, or None (got {seconds})."),
-                )
-                .into())
-            }
+            Some(wait) => Some(instant_after(Instant::now(), seconds("timeout", wait)?)),
         };
         let mut interrupted: Option<PyErr> = None;
         let outcome = self.core.enqueue(key, op, deadline, |wait| {
@@ -248,23 +253,19 @@ impl WriteQueue {
 
     /// Up to `max_batch` writes as `(key, value, attempts, deleted)`, oldest first, never a key
     /// already in flight; waits up to `timeout` seconds (GIL released) while there are none.
+    /// With a `linger` (seconds), waits for `max_batch` writes, but holds the oldest of them
+    /// back no longer than `linger`; a retry, a closed queue or a `wait_idle` cuts it short.
+    #[pyo3(signature = (max_batch, timeout, *, linger = 0.0))]
     fn take<'py>(
         &self,
         py: Python<'py>,
         max_batch: usize,
         timeout: f64,
+        linger: f64,
     ) -> PyResult<Bound<'py, PyList>> {
-        if !(timeout >= 0.0 && timeout.is_finite()) {
-            return Err(Error::invalid(
-                "timeout",
-                format!("timeout must be a number of seconds from 0 (got {timeout})."),
-            )
-            .into());
-        }
-        let taken = py.detach(|| {
-            self.core
-                .take(max_batch.max(1), Duration::from_secs_f64(timeout))
-        });
+        let timeout = seconds("timeout", timeout)?;
+        let linger = seconds("linger", linger)?;
+        let taken = py.detach(|| self.core.take(max_batch.max(1), timeout, linger));
         let items = taken
             .iter()
             .map(|item| Self::taken_tuple(py, item))
@@ -321,14 +322,7 @@ impl WriteQueue {
 
     /// Waits (GIL released) until no write is waiting or in flight; False after `timeout`.
     fn wait_idle(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
-        if !(timeout >= 0.0 && timeout.is_finite()) {
-            return Err(Error::invalid(
-                "timeout",
-                format!("timeout must be a number of seconds from 0 (got {timeout})."),
-            )
-            .into());
-        }
-        let deadline = Instant::now() + Duration::from_secs_f64(timeout);
+        let deadline = instant_after(Instant::now(), seconds("timeout", timeout)?);
         loop {
             let slice = deadline
                 .saturating_duration_since(Instant::now())

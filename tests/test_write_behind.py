@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -211,3 +212,49 @@ def test_a_cache_or_database_without_the_protocol_is_refused() -> None:
         WriteBehind(object(), MemoryDatabase(), close_at_exit=False)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="database"):
         WriteBehind(DictCache(), object(), close_at_exit=False)  # type: ignore[arg-type]
+
+
+def test_writes_linger_to_share_a_batch_and_flush_sends_them_at_once() -> None:
+    database = MemoryDatabase()
+    store = WriteBehind(
+        DictCache(), database, batch_size=10, flush_interval=30.0, close_at_exit=False
+    )
+    for number in range(3):
+        store.set(f"k{number}", number)
+    store.set("k0", "newest")  # replaces the waiting write: the database never sees 0
+    assert database.batches == 0  # still lingering for company
+    started = time.monotonic()
+    assert store.flush(timeout=10)
+    assert time.monotonic() - started < 5  # the flush did not wait out the 30 s linger
+    assert database.batches == 1
+    assert database.data == {"k0": "newest", "k1": 1, "k2": 2}
+    assert store.stats()["coalesced"] == 1
+    assert store.close() == []
+
+
+def test_a_full_batch_goes_out_without_waiting_for_the_linger() -> None:
+    database = MemoryDatabase()
+    store = WriteBehind(
+        DictCache(), database, batch_size=4, flush_interval=30.0, close_at_exit=False
+    )
+    for number in range(4):
+        store.set(f"k{number}", number)
+    deadline = time.monotonic() + 10
+    while database.batches == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert database.batches == 1
+    assert len(database.data) == 4
+    assert store.close() == []
+
+
+def test_a_lone_write_waits_no_longer_than_the_flush_interval() -> None:
+    database = MemoryDatabase()
+    store = WriteBehind(
+        DictCache(), database, batch_size=100, flush_interval=0.05, close_at_exit=False
+    )
+    store.set("k", 1)
+    deadline = time.monotonic() + 10
+    while database.batches == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert database.data == {"k": 1}
+    assert store.close() == []

@@ -165,7 +165,19 @@ def test_bad_keys_and_timeouts_are_refused_and_nothing_changes() -> None:
             queue.put("b", 2, block=True, timeout=timeout)
         with pytest.raises(ValueError, match="timeout"):
             queue.take(1, timeout)
+        with pytest.raises(ValueError, match="linger"):
+            queue.take(1, 0, linger=timeout)
+        with pytest.raises(ValueError, match="timeout"):
+            queue.wait_idle(timeout)
     assert queue.unsettled() == [("a", 1, False)]
+
+
+def test_waits_longer_than_a_clock_can_hold_are_taken_as_long_as_it_takes() -> None:
+    queue = WriteQueue(4)
+    queue.put("a", 1, block=True, timeout=1e300)
+    assert [item[0] for item in queue.take(4, 1e300, linger=0)] == ["a"]
+    queue.done(["a"])
+    assert queue.wait_idle(1e300)
 
 
 def test_a_full_queue_blocks_until_its_timeout_or_room() -> None:

@@ -692,8 +692,11 @@ class WriteQueue:
         self, key: str | bytes | int, *, block: bool = False, timeout: float | None = None
     ) -> None:
         """Queues the deletion of `key`."""
-    def take(self, max_batch: int, timeout: float) -> list[tuple[Any, Any, int, bool]]:
-        """Up to `max_batch` writes as `(key, value, attempts, deleted)`, oldest first."""
+    def take(
+        self, max_batch: int, timeout: float, *, linger: float = 0.0
+    ) -> list[tuple[Any, Any, int, bool]]:
+        """Up to `max_batch` writes as `(key, value, attempts, deleted)`, oldest first; with a
+        `linger`, waits for a full batch but holds the oldest write back no longer than that."""
     def done(self, keys: Iterable[str | bytes | int]) -> int:
         """Settles writes the database has."""
     def failed(self, key: str | bytes | int) -> tuple[str, Any, bool] | None:

@@ -78,6 +78,8 @@ DELETED: Any = _Deleted()
 # up to every 20 ms.
 _FIRST_POLL = 0.0005
 _LONGEST_POLL = 0.02
+# How often an idle flusher wakes to see whether it was stopped (a close wakes it anyway).
+_IDLE_WAKE = 0.5
 
 MISSING: Any = object()
 """What ``get(key, MISSING)`` returns on a miss, told apart from a stored None."""
@@ -180,7 +182,11 @@ class WriteBehind:
     """A cache whose writes reach ``database`` later, in batches, from a flusher thread.
 
     - ``batch_size``: most writes per database transaction.
-    - ``flush_interval``: the longest the flusher waits for a first write.
+    - ``flush_interval``: the longest a write waits for others to share its batch. A batch
+      goes to the database once ``batch_size`` writes wait, or ``flush_interval`` seconds
+      after the oldest of them was queued, whichever comes first; 0 sends each write as soon
+      as the flusher is free. Meanwhile newer writes of a key replace older ones, so the
+      database sees fewer. ``flush()`` and ``close()`` send what waits at once.
     - ``max_pending``: most writes waiting or in flight.
     - ``on_full``: ``"block"`` (wait up to ``full_timeout``, then ``WriteQueueFullError``) or
       ``"raise"`` (at once).
@@ -443,7 +449,7 @@ class WriteBehind:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            batch = self.queue.take(self.batch_size, self.flush_interval)
+            batch = self.queue.take(self.batch_size, _IDLE_WAKE, linger=self.flush_interval)
             if not batch:
                 if self.queue.closed and self.queue.stats()["depth"] == 0:
                     return
