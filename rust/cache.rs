@@ -20,6 +20,7 @@
 
 use crate::clock::Clock;
 use hashbrown::HashTable;
+use smallvec::SmallVec;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
@@ -79,18 +80,19 @@ pub struct Stats {
     pub capacity: usize,
 }
 
-/// Keys and values the cache let go of, for the caller to drop once it holds no lock.
+/// Keys and values the cache let go of, for the caller to drop once it holds no lock. Most
+/// operations let go of one or two, which fit inline: a hit or a set allocates nothing.
 #[derive(Debug)]
 pub struct Dropped<K, V> {
-    pub keys: Vec<K>,
-    pub values: Vec<V>,
+    pub keys: SmallVec<[K; 2]>,
+    pub values: SmallVec<[V; 2]>,
 }
 
 impl<K, V> Default for Dropped<K, V> {
     fn default() -> Self {
         Dropped {
-            keys: Vec::new(),
-            values: Vec::new(),
+            keys: SmallVec::new(),
+            values: SmallVec::new(),
         }
     }
 }
@@ -657,7 +659,7 @@ mod tests {
         f.cache
             .insert(1, "new".into(), hash(1), None, |k| *k == 1, &mut f.dropped);
         assert_eq!(f.get(1).as_deref(), Some("new"));
-        assert_eq!(f.dropped.values, vec!["v1".to_owned()]);
+        assert_eq!(f.dropped.values.as_slice(), ["v1".to_owned()]);
         assert_eq!(f.cache.len(), 1);
         assert!(f.cache.remove(hash(1), |k| *k == 1, &mut f.dropped));
         assert!(!f.cache.remove(hash(1), |k| *k == 1, &mut f.dropped));

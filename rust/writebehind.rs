@@ -18,10 +18,15 @@
 //!   drain end the lingering at once.
 //!
 //! Plain Rust: keys are any `Hash + Eq + Clone`, values anything `Clone` (the binding stores
-//! reference-counted Python objects, so a clone never needs the GIL).
+//! reference-counted Python objects, so a clone never needs the GIL). Every call that looks a
+//! key up takes any borrowed form of it (`Equivalent`), so a caller builds an owned key only
+//! when a new key is queued. A write replaced by a newer one is dropped after the lock is
+//! released: dropping a value may run arbitrary code (a Python `__del__`) that must not find
+//! the queue locked.
 
 use crate::clock::instant_after;
-use std::collections::{HashMap, VecDeque};
+use hashbrown::{Equivalent, HashMap};
+use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hash};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -155,8 +160,21 @@ impl<K: Hash + Eq + Clone + Send, V: Clone + Send> WriteQueue<K, V> {
 
     /// Queues a write without waiting: `Err(Full)` when there is no room for a new key.
     pub fn try_enqueue(&self, key: K, op: Op<V>) -> Result<(), Refused> {
+        self.try_enqueue_by(&key, op, K::clone)
+    }
+
+    /// `try_enqueue` by a borrowed form of the key; `own` makes the owned key, only when the
+    /// key is new to the queue.
+    pub fn try_enqueue_by<Q: Hash + Equivalent<K> + ?Sized>(
+        &self,
+        key: &Q,
+        op: Op<V>,
+        own: impl FnOnce(&Q) -> K,
+    ) -> Result<(), Refused> {
         let mut state = self.lock();
-        self.insert(&mut state, key, op)
+        let outcome = self.insert(&mut state, key, op, own);
+        drop(state);
+        outcome.map(drop)
     }
 
     /// Queues a write, waiting for room until `deadline` (None: as long as it takes).
@@ -167,16 +185,30 @@ impl<K: Hash + Eq + Clone + Send, V: Clone + Send> WriteQueue<K, V> {
         key: K,
         op: Op<V>,
         deadline: Option<Instant>,
+        wait: impl FnMut(&(dyn Fn(Duration) + Sync)) -> Result<(), Refused>,
+    ) -> Result<(), Refused> {
+        self.enqueue_by(&key, op, K::clone, deadline, wait)
+    }
+
+    /// `enqueue` by a borrowed form of the key, as `try_enqueue_by`.
+    pub fn enqueue_by<Q: Hash + Equivalent<K> + ?Sized>(
+        &self,
+        key: &Q,
+        op: Op<V>,
+        own: impl Fn(&Q) -> K,
+        deadline: Option<Instant>,
         mut wait: impl FnMut(&(dyn Fn(Duration) + Sync)) -> Result<(), Refused>,
     ) -> Result<(), Refused> {
-        {
-            let mut state = self.lock();
-            match self.insert(&mut state, key.clone(), op.clone()) {
-                Err(Refused::Full) => {}
-                done => return done,
-            }
-        }
         loop {
+            let mut state = self.lock();
+            match self.insert(&mut state, key, op.clone(), &own) {
+                Err(Refused::Full) => {}
+                outcome => {
+                    drop(state);
+                    return outcome.map(drop);
+                }
+            }
+            drop(state);
             let remaining = match deadline {
                 Some(deadline) => {
                     let now = Instant::now();
@@ -188,11 +220,6 @@ impl<K: Hash + Eq + Clone + Send, V: Clone + Send> WriteQueue<K, V> {
                 None => Duration::from_millis(50),
             };
             wait(&|slice| self.wait_for_space(slice.min(remaining)))?;
-            let mut state = self.lock();
-            match self.insert(&mut state, key.clone(), op.clone()) {
-                Err(Refused::Full) => continue,
-                done => return done,
-            }
         }
     }
 
@@ -214,26 +241,35 @@ impl<K: Hash + Eq + Clone + Send, V: Clone + Send> WriteQueue<K, V> {
         state.pending.len() + state.in_flight.len() < self.capacity
     }
 
-    fn insert(&self, state: &mut State<K, V>, key: K, op: Op<V>) -> Result<(), Refused> {
+    /// Queues `op` for `key`; the write it replaced, if any, for the caller to drop once the
+    /// lock is released.
+    fn insert<Q: Hash + Equivalent<K> + ?Sized>(
+        &self,
+        state: &mut State<K, V>,
+        key: &Q,
+        op: Op<V>,
+        own: impl FnOnce(&Q) -> K,
+    ) -> Result<Option<Op<V>>, Refused> {
         if state.closed {
             return Err(Refused::Closed);
         }
-        if let Some(slot) = state.pending.get_mut(&key) {
+        if let Some(slot) = state.pending.get_mut(key) {
             // Coalesced: the newer write takes the older one's place and turn.
-            slot.op = op;
+            let replaced = std::mem::replace(&mut slot.op, op);
             slot.attempts = 0;
-            state.writes_by_stripe[stripe(&key)] += 1;
+            state.writes_by_stripe[stripe(key)] += 1;
             state.stats.enqueued += 1;
             state.stats.coalesced += 1;
-            return Ok(());
+            return Ok(Some(replaced));
         }
         if !self.has_room(state) {
             return Err(Refused::Full);
         }
-        state.writes_by_stripe[stripe(&key)] += 1;
+        state.writes_by_stripe[stripe(key)] += 1;
         if state.pending.is_empty() {
             state.waiting_since = Some(Instant::now());
         }
+        let key = own(key);
         state.pending.insert(key.clone(), Slot { op, attempts: 0 });
         state.order.push_back(key);
         state.stats.enqueued += 1;
@@ -243,7 +279,7 @@ impl<K: Hash + Eq + Clone + Send, V: Clone + Send> WriteQueue<K, V> {
         {
             self.work.notify_one();
         }
-        Ok(())
+        Ok(None)
     }
 
     fn note_depth(&self, state: &mut State<K, V>) {
@@ -341,27 +377,27 @@ impl<K: Hash + Eq + Clone + Send, V: Clone + Send> WriteQueue<K, V> {
     }
 
     /// Settles writes the database took: they leave the queue.
-    pub fn done<'a>(&self, keys: impl IntoIterator<Item = &'a K>) -> usize
-    where
-        K: 'a,
-    {
+    pub fn done<'a, Q: Hash + Equivalent<K> + ?Sized + 'a>(
+        &self,
+        keys: impl IntoIterator<Item = &'a Q>,
+    ) -> usize {
         let mut state = self.lock();
-        let mut settled = 0;
+        let mut settled = Vec::new();
         for key in keys {
-            if state.in_flight.remove(key).is_some() {
-                settled += 1;
+            if let Some(slot) = state.in_flight.remove(key) {
+                settled.push(slot);
             }
         }
-        state.stats.flushed += settled as u64;
+        state.stats.flushed += settled.len() as u64;
         self.settled(state);
-        settled
+        settled.len()
     }
 
     /// Settles a write that failed: retried first in line, dropped for a newer one, or (out
     /// of attempts) returned as a dead letter.
-    pub fn failed(&self, key: &K) -> Option<Failed<V>> {
+    pub fn failed<Q: Hash + Equivalent<K> + ?Sized>(&self, key: &Q) -> Option<Failed<V>> {
         let mut state = self.lock();
-        let mut slot = state.in_flight.remove(key)?;
+        let (owned, mut slot) = state.in_flight.remove_entry(key)?;
         slot.attempts += 1;
         let outcome = if state.pending.contains_key(key) {
             state.stats.superseded += 1;
@@ -374,8 +410,8 @@ impl<K: Hash + Eq + Clone + Send, V: Clone + Send> WriteQueue<K, V> {
             if state.pending.is_empty() {
                 state.waiting_since = Some(Instant::now());
             }
-            state.pending.insert(key.clone(), slot);
-            state.order.push_front(key.clone());
+            state.pending.insert(owned.clone(), slot);
+            state.order.push_front(owned);
             // The caller paces retries (its backoff); the retry must not linger on top of it.
             state.due_now = true;
             if state.waiting_for_work > 0 || state.lingering_for > 0 {
@@ -402,7 +438,7 @@ impl<K: Hash + Eq + Clone + Send, V: Clone + Send> WriteQueue<K, V> {
     }
 
     /// The newest write of a key not yet settled: what a read must see before the database.
-    pub fn read(&self, key: &K) -> Option<Op<V>> {
+    pub fn read<Q: Hash + Equivalent<K> + ?Sized>(&self, key: &Q) -> Option<Op<V>> {
         let state = self.lock();
         state
             .pending
@@ -470,20 +506,21 @@ impl<K: Hash + Eq + Clone + Send, V: Clone + Send> WriteQueue<K, V> {
 
     /// A count that moves whenever a write of `key` is accepted (and, rarely, of another key
     /// sharing its stripe).
-    pub fn writes_to(&self, key: &K) -> u64 {
+    pub fn writes_to<Q: Hash + ?Sized>(&self, key: &Q) -> u64 {
         self.lock().writes_by_stripe[stripe(key)]
     }
 }
 
 const WRITE_STRIPES: usize = 1024;
 
-fn stripe<K: Hash>(key: &K) -> usize {
+fn stripe<Q: Hash + ?Sized>(key: &Q) -> usize {
     (foldhash::fast::FixedState::default().hash_one(key) as usize) % WRITE_STRIPES
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
     use std::sync::Arc;
 
     fn never_wait(_: &(dyn Fn(Duration) + Sync)) -> Result<(), Refused> {

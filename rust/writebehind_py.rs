@@ -6,6 +6,7 @@ use crate::cache_py::{key_hash, LocalCache};
 use crate::clock::instant_after;
 use crate::errors::Error;
 use crate::writebehind::{Failed, Op, Refused, Taken, WriteQueue as Core};
+use hashbrown::Equivalent;
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
@@ -33,18 +34,29 @@ enum Key {
 
 type Value = Arc<Py<PyAny>>;
 
-impl Key {
-    fn of(key: &Bound<'_, PyAny>) -> PyResult<Key> {
+/// A key borrowed from its Python object, for lookups that need no owned `Key`. It hashes as
+/// the `Key` it names: the same variants in the same order, each field hashing as the other's
+/// (`&str` as `Arc<str>`, `&[u8]` as `Arc<[u8]>`, `String` as `Arc<str>`).
+#[derive(Hash, Debug)]
+enum KeyRef<'a> {
+    Str(&'a str),
+    Bytes(&'a [u8]),
+    Int(i64),
+    BigInt(String),
+}
+
+impl<'a> KeyRef<'a> {
+    fn of(key: &'a Bound<'_, PyAny>) -> PyResult<KeyRef<'a>> {
         if let Ok(text) = key.cast::<PyString>() {
-            return Ok(Key::Str(Arc::from(text.to_str()?)));
+            return Ok(KeyRef::Str(text.to_str()?));
         }
         if let Ok(bytes) = key.cast::<PyBytes>() {
-            return Ok(Key::Bytes(Arc::from(bytes.as_bytes())));
+            return Ok(KeyRef::Bytes(bytes.as_bytes()));
         }
         if key.is_instance_of::<PyInt>() && !key.is_instance_of::<PyBool>() {
             return Ok(match key.extract::<i64>() {
-                Ok(number) => Key::Int(number),
-                Err(_) => Key::BigInt(Arc::from(key.str()?.to_str()?)),
+                Ok(number) => KeyRef::Int(number),
+                Err(_) => KeyRef::BigInt(key.str()?.to_str()?.to_owned()),
             });
         }
         Err(Error::wrong_type(
@@ -57,6 +69,29 @@ impl Key {
         .into())
     }
 
+    fn to_key(&self) -> Key {
+        match self {
+            KeyRef::Str(text) => Key::Str(Arc::from(*text)),
+            KeyRef::Bytes(bytes) => Key::Bytes(Arc::from(*bytes)),
+            KeyRef::Int(number) => Key::Int(*number),
+            KeyRef::BigInt(text) => Key::BigInt(Arc::from(text.as_str())),
+        }
+    }
+}
+
+impl Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        match (self, key) {
+            (KeyRef::Str(a), Key::Str(b)) => *a == &**b,
+            (KeyRef::Bytes(a), Key::Bytes(b)) => *a == &**b,
+            (KeyRef::Int(a), Key::Int(b)) => a == b,
+            (KeyRef::BigInt(a), Key::BigInt(b)) => a.as_str() == &**b,
+            _ => false,
+        }
+    }
+}
+
+impl Key {
     fn to_object<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         Ok(match self {
             Key::Str(text) => PyString::new(py, text).into_any(),
@@ -127,9 +162,9 @@ impl WriteQueue {
         block: bool,
         timeout: Option<f64>,
     ) -> PyResult<()> {
-        let key = Key::of(key)?;
+        let key = KeyRef::of(key)?;
         if !block {
-            return match self.core.try_enqueue(key, op) {
+            return match self.core.try_enqueue_by(&key, op, KeyRef::to_key) {
                 Ok(()) => Ok(()),
                 Err(Refused::Full) => Err(full_error(self.capacity)),
                 Err(Refused::Closed) => Err(closed_error()),
@@ -140,16 +175,18 @@ impl WriteQueue {
             Some(wait) => Some(instant_after(Instant::now(), seconds("timeout", wait)?)),
         };
         let mut interrupted: Option<PyErr> = None;
-        let outcome = self.core.enqueue(key, op, deadline, |wait| {
-            py.detach(|| wait(SIGNAL_CHECK_INTERVAL));
-            match py.check_signals() {
-                Ok(()) => Ok(()),
-                Err(error) => {
-                    interrupted = Some(error);
-                    Err(Refused::Full)
+        let outcome = self
+            .core
+            .enqueue_by(&key, op, KeyRef::to_key, deadline, |wait| {
+                py.detach(|| wait(SIGNAL_CHECK_INTERVAL));
+                match py.check_signals() {
+                    Ok(()) => Ok(()),
+                    Err(error) => {
+                        interrupted = Some(error);
+                        Err(Refused::Full)
+                    }
                 }
-            }
-        });
+            });
         if let Some(error) = interrupted {
             return Err(error);
         }
@@ -222,8 +259,8 @@ impl WriteQueue {
         self.put_and_cache(py, key, value, cache.get(), block, timeout)
     }
 
-    /// `put_cached` with `cache`, `block` and `timeout` bound once: a callable taking
-    /// `(key, value)`, so a write-behind's `set` is one call into Rust.
+    /// `put_cached` with `cache`, `block` and `timeout` bound once: its `set(key, value)` is
+    /// a write-behind's `set` in one call into Rust.
     #[pyo3(signature = (cache, *, block = false, timeout = None))]
     fn cached_writer(
         slf: &Bound<'_, Self>,
@@ -275,10 +312,8 @@ impl WriteQueue {
 
     /// Settles writes the database has: they leave the queue. Returns how many were in flight.
     fn done(&self, keys: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let keys = keys
-            .try_iter()?
-            .map(|key| Key::of(&key?))
-            .collect::<PyResult<Vec<_>>>()?;
+        let keys = keys.try_iter()?.collect::<PyResult<Vec<_>>>()?;
+        let keys = keys.iter().map(KeyRef::of).collect::<PyResult<Vec<_>>>()?;
         Ok(self.core.done(keys.iter()))
     }
 
@@ -289,8 +324,7 @@ impl WriteQueue {
         py: Python<'py>,
         key: &Bound<'_, PyAny>,
     ) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        let key = Key::of(key)?;
-        let Some(outcome) = self.core.failed(&key) else {
+        let Some(outcome) = self.core.failed(&KeyRef::of(key)?) else {
             return Ok(None);
         };
         let none = py.None().into_bound(py);
@@ -316,8 +350,10 @@ impl WriteQueue {
         py: Python<'py>,
         key: &Bound<'_, PyAny>,
     ) -> PyResult<Option<(Bound<'py, PyAny>, bool)>> {
-        let key = Key::of(key)?;
-        Ok(self.core.read(&key).map(|op| op_parts(py, &op)))
+        Ok(self
+            .core
+            .read(&KeyRef::of(key)?)
+            .map(|op| op_parts(py, &op)))
     }
 
     /// Waits (GIL released) until no write is waiting or in flight; False after `timeout`.
@@ -373,7 +409,7 @@ impl WriteQueue {
     /// sharing its stripe): a read-through compares it before and after, to tell that a write
     /// of its key came meanwhile.
     fn writes_to(&self, key: &Bound<'_, PyAny>) -> PyResult<u64> {
-        Ok(self.core.writes_to(&Key::of(key)?))
+        Ok(self.core.writes_to(&KeyRef::of(key)?))
     }
 
     /// The queue's counters: enqueued, coalesced, flushed, retried, dead_lettered,
@@ -415,7 +451,10 @@ pub struct CachedWriter {
 
 #[pymethods]
 impl CachedWriter {
-    fn __call__(&self, py: Python<'_>, key: &Bound<'_, PyAny>, value: Py<PyAny>) -> PyResult<()> {
+    /// Queues `key = value` and caches it, as `WriteQueue.put_cached` does. A method rather
+    /// than `__call__`: a bound method takes the fast calling convention, while `__call__`
+    /// gets its arguments packed in a tuple.
+    fn set(&self, py: Python<'_>, key: &Bound<'_, PyAny>, value: Py<PyAny>) -> PyResult<()> {
         self.queue
             .get()
             .put_and_cache(py, key, value, self.cache.get(), self.block, self.timeout)
@@ -424,5 +463,37 @@ impl CachedWriter {
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(&self.queue)?;
         visit.call(&self.cache)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::hash::BuildHasher;
+
+    #[test]
+    fn a_borrowed_key_hashes_and_compares_as_the_key_it_names() {
+        let hasher = foldhash::fast::FixedState::default();
+        let pairs = [
+            (KeyRef::Str("user:1"), Key::Str(Arc::from("user:1"))),
+            (
+                KeyRef::Bytes(b"user:1"),
+                Key::Bytes(Arc::from(&b"user:1"[..])),
+            ),
+            (KeyRef::Int(-7), Key::Int(-7)),
+            (
+                KeyRef::BigInt("18446744073709551616".to_owned()),
+                Key::BigInt(Arc::from("18446744073709551616")),
+            ),
+        ];
+        for (borrowed, owned) in &pairs {
+            assert_eq!(hasher.hash_one(borrowed), hasher.hash_one(owned));
+            assert!(borrowed.equivalent(owned));
+            assert_eq!(&borrowed.to_key(), owned);
+        }
+        // The same text as str, bytes and big int names three different keys.
+        assert!(!KeyRef::Str("1").equivalent(&Key::Bytes(Arc::from(&b"1"[..]))));
+        assert!(!KeyRef::Str("1").equivalent(&Key::BigInt(Arc::from("1"))));
+        assert!(!KeyRef::Int(1).equivalent(&Key::Int(2)));
     }
 }

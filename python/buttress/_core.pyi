@@ -657,7 +657,8 @@ class CachedWriter:
     """A write-behind's `set(key, value)` over a `LocalCache`: queues the write and fills the
     cache in one call."""
 
-    def __call__(self, key: str | bytes | int, value: object, /) -> None: ...
+    def set(self, key: str | bytes | int, value: object) -> None:
+        """Queues `key = value` and caches it, as `WriteQueue.put_cached` does."""
 
 @final
 class WriteQueue:

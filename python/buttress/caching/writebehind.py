@@ -245,7 +245,7 @@ class WriteBehind:
             # `set` becomes one call into Rust that queues the write and fills the cache.
             self.__dict__["set"] = self.queue.cached_writer(
                 self._local, block=self._block, timeout=self._full_timeout
-            )
+            ).set
         # A cache may say what it would refuse before the write is queued (RedisCache does).
         self._check: Callable[[Key, Any], object] | None = getattr(cache, "check", None)
         self.dead_letters = 0
