@@ -252,6 +252,13 @@ def test_every_buttress_exception_is_a_buttress_error() -> None:
         buttress.AggregateNotFoundError,
         buttress.NoHandlerError,
         buttress.WriteQueueFullError,
+        buttress.SecurityError,
+        buttress.InvalidTokenError,
+        buttress.KeySetUnavailableError,
+        buttress.FieldDecryptionError,
+        buttress.AuditChainError,
+        buttress.AuditWriteError,
+        buttress.OAuthError,
     }
     for exception in exceptions:
         assert issubclass(exception, buttress.ButtressError)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 __all__ = [
     "AggregateNotFoundError",
+    "AuditChainError",
+    "AuditWriteError",
     "BulkheadFullError",
     "ButtressError",
     "CircuitOpenError",
@@ -12,14 +14,19 @@ __all__ = [
     "EventStoreClosedError",
     "EventStoreError",
     "EventStoreFailedError",
+    "FieldDecryptionError",
+    "InvalidTokenError",
+    "KeySetUnavailableError",
     "NoHandlerError",
     "NoHealthyBackendError",
+    "OAuthError",
     "PoolClosedError",
     "PoolError",
     "PoolFullError",
     "PoolTimeoutError",
     "QuorumNotReachedError",
     "RebalanceError",
+    "SecurityError",
     "ShardUnavailableError",
     "ShardingError",
     "StoreCorruptedError",
@@ -416,3 +423,166 @@ class WriteQueueFullError(ButtressError):
             f"The write-behind queue is full ({self.capacity} writes waiting or in flight). "
             "Let the flusher catch up, raise max_pending, or use on_full='block' with a timeout."
         )
+
+
+class SecurityError(ButtressError):
+    """Base class of the errors the security package (tokens, zero trust) raises."""
+
+
+class InvalidTokenError(SecurityError):
+    """A bearer token was refused: malformed, badly signed, expired, or not meant for us.
+
+    Raised as ``InvalidTokenError(reason, description)``. ``reason`` is a short code
+    (``malformed``, ``algorithm_not_allowed``, ``wrong_token_type``, ``unknown_key``,
+    ``key_mismatch``, ``bad_signature``, ``expired``, ``not_yet_valid``, ``issued_in_future``,
+    ``wrong_issuer``, ``wrong_audience``, ``missing_claim``, ``invalid_claim``, ``revoked``);
+    ``error`` is RFC 6750's ``invalid_token`` for the ``WWW-Authenticate`` header of the 401
+    response; ``description`` says what was wrong in a sentence safe to send to the client.
+
+    >>> error = InvalidTokenError("expired", "The token has expired.")
+    >>> error.error, error.reason, str(error)
+    ('invalid_token', 'expired', 'The token has expired.')
+    """
+
+    @property
+    def reason(self) -> str:
+        """Why the token was refused, as a short code."""
+        return str(self.args[0])
+
+    @property
+    def description(self) -> str:
+        """What was wrong, as a sentence."""
+        return str(self.args[1])
+
+    @property
+    def error(self) -> str:
+        """The RFC 6750 error code: always ``invalid_token``."""
+        return "invalid_token"
+
+    def __str__(self) -> str:
+        return self.description
+
+
+class KeySetUnavailableError(SecurityError):
+    """The issuer's key set (JWKS) could not be fetched, so no token can be checked; answer
+    503 rather than 401, the token may well be good.
+
+    Raised as ``KeySetUnavailableError(url, detail)``.
+
+    >>> error = KeySetUnavailableError("https://issuer.example/jwks", "it answered HTTP 500")
+    >>> str(error)
+    'The key set at https://issuer.example/jwks could not be fetched: it answered HTTP 500. ...'
+    """
+
+    @property
+    def url(self) -> str:
+        """The JWKS URL."""
+        return str(self.args[0])
+
+    def __str__(self) -> str:
+        return (
+            f"The key set at {self.url} could not be fetched: {self.args[1]}. Check that the "
+            "issuer is up and the URL is right; the fetch is retried later."
+        )
+
+
+class FieldDecryptionError(SecurityError):
+    """An encrypted field could not be decrypted.
+
+    Raised as ``FieldDecryptionError(reason, description)``; ``reason`` is ``malformed``,
+    ``unsupported_version``, ``unknown_key`` or ``authentication_failed`` (the value was
+    altered, or was made for another record or field).
+
+    >>> str(FieldDecryptionError("unknown_key", "The key 'k0' is not in the keyring."))
+    "The key 'k0' is not in the keyring."
+    """
+
+    @property
+    def reason(self) -> str:
+        """Why decryption failed, as a short code."""
+        return str(self.args[0])
+
+    def __str__(self) -> str:
+        return str(self.args[1])
+
+
+class AuditChainError(SecurityError):
+    """An audit log's hash chain is broken: an entry was altered, removed or reordered.
+
+    Raised as ``AuditChainError(stream, index, problem)``; ``index`` is the first entry (its
+    version in the stream) that does not check out.
+
+    >>> str(AuditChainError("audit", 3, "its hash does not match its content"))
+    "The audit log 'audit' is broken at entry 3: its hash does not match its content."
+    """
+
+    @property
+    def stream(self) -> str:
+        """The audit log's stream."""
+        return str(self.args[0])
+
+    @property
+    def index(self) -> int:
+        """The first entry that does not check out."""
+        return int(self.args[1])
+
+    @property
+    def problem(self) -> str:
+        """What is wrong with it."""
+        return str(self.args[2])
+
+    def __str__(self) -> str:
+        return f"The audit log '{self.stream}' is broken at entry {self.index}: {self.problem}."
+
+
+class AuditWriteError(SecurityError):
+    """An audit entry could not be appended: other writers kept winning the race for the
+    chain's head for longer than the writer may wait.
+
+    Raised as ``AuditWriteError(stream, attempts)``.
+    """
+
+    def __str__(self) -> str:
+        return (
+            f"The audit entry could not be appended to '{self.args[0]}' after {self.args[1]} "
+            "attempts: other writers kept appending first. Retry, or give the log a longer "
+            "append_timeout."
+        )
+
+
+class OAuthError(SecurityError):
+    """An OAuth 2.0 request was refused with one of the error codes of RFC 6749 (or RFC 6750).
+
+    Raised by the Python API of ``buttress.security.oauth`` as
+    ``OAuthError(error, description, status_code, redirect_to)``: ``error`` is the RFC code
+    (``"invalid_grant"``, ``"invalid_client"``, ...), ``status_code`` the HTTP status the same
+    refusal gets over HTTP, and ``redirect_to`` the URL an authorization error is delivered to
+    (None when it must not be redirected).
+
+    >>> error = OAuthError("invalid_grant", "The authorization code was already used.", 400, None)
+    >>> error.error, str(error)
+    ('invalid_grant', 'invalid_grant: The authorization code was already used.')
+    """
+
+    @property
+    def error(self) -> str:
+        """The RFC 6749 error code, e.g. ``"invalid_grant"``."""
+        return str(self.args[0])
+
+    @property
+    def description(self) -> str:
+        """What was wrong, in a sentence."""
+        return str(self.args[1])
+
+    @property
+    def status_code(self) -> int:
+        """The HTTP status the same refusal gets from the HTTP endpoint."""
+        return int(self.args[2])
+
+    @property
+    def redirect_to(self) -> str | None:
+        """Where an authorization error is sent back to the client, or None."""
+        return None if self.args[3] is None else str(self.args[3])
+
+    def __str__(self) -> str:
+        return f"{self.error}: {self.description}"
