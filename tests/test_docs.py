@@ -45,6 +45,12 @@ def test_readme_has_an_example_per_available_pattern() -> None:
     assert "EventStore(" in examples
     assert "Repository(" in examples
     assert "ProjectionRunner(" in examples
+    assert "LocalCache(" in examples
+    assert "WriteBehind(" in examples
+    assert "CacheAside(" in examples
+    assert "OAuthServer(" in examples
+    assert "ZeroTrustMiddleware(" in examples
+    assert "FieldEncryptor(" in examples
 
 
 @pytest.mark.parametrize("index", range(len(readme_examples())))
