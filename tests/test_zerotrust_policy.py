@@ -3,6 +3,7 @@ decision names its rule and reason; path patterns; Cedar behind the same protoco
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -296,3 +297,40 @@ def test_bad_rules_name_the_argument(build_it: Any, error: type[Exception], argu
         build_it()
     assert argument in str(caught.value)
     assert str(caught.value).endswith(".")
+
+
+def _regex_model(pattern: str) -> re.Pattern[str]:
+    """The path patterns' meaning as one regex (how they were first matched): the model the
+    segment-by-segment matcher must agree with."""
+    parts = []
+    segments = pattern[1:].split("/")
+    for index, segment in enumerate(segments):
+        if segment == "**":
+            parts.append(r"(?:/[^/]*)*" if index == len(segments) - 1 else r"(?:/[^/]*)*?")
+        elif re.fullmatch(r"\{[A-Za-z_][A-Za-z0-9_]*\}", segment):
+            parts.append(r"/[^/]+")
+        else:
+            parts.append("/" + "[^/]*".join(re.escape(piece) for piece in segment.split("*")))
+    return re.compile("".join(parts), re.DOTALL)
+
+
+_PATTERN_SEGMENTS = st.sampled_from(["**", "*", "{id}", "a", "b", "a*", "*b", "", "a*b"])
+_PATH_SEGMENTS = st.sampled_from(["a", "b", "ab", "aab", "", "x", "a\nb"])
+
+
+@given(
+    pattern=st.lists(_PATTERN_SEGMENTS, min_size=1, max_size=5).map(lambda s: "/" + "/".join(s)),
+    path=st.lists(_PATH_SEGMENTS, max_size=6).map(lambda s: "/" + "/".join(s)),
+)
+def test_path_patterns_match_as_their_regex_does(pattern: str, path: str) -> None:
+    assert PathPattern(pattern).matches(path) == (_regex_model(pattern).fullmatch(path) is not None)
+
+
+def test_several_double_stars_on_a_long_path_match_segment_by_segment() -> None:
+    # As one backtracking regex, three `**` on 800 segments took seconds; segment by segment
+    # it is a pass per pattern segment.
+    pattern = PathPattern("/**/a/**/b/**/c")
+    long_path = "/" + "/".join(["x"] * 800)
+    assert not pattern.matches(long_path)
+    assert pattern.matches(long_path + "/a/x/b/c")
+    assert not pattern.matches("relative/a/b/c")

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import json
+import operator
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 from types import MappingProxyType
@@ -130,34 +132,54 @@ class PathPattern:
         if pattern != "*" and not pattern.startswith("/"):
             raise ValueError(f"A path pattern must start with '/' or be '*' (got {pattern!r}).")
         self.pattern = pattern
+        # Each segment: None for `**`, else a test of one path segment. Matched segment by
+        # segment (below) rather than as one regex, whose backtracking over several `**`
+        # grows polynomially with the path's length.
+        self._segments: list[Callable[[str], bool] | None] = []
         if pattern == "*":
-            self._regex = re.compile(r".*", re.DOTALL)
             return
-        parts = []
-        segments = pattern[1:].split("/")
-        for index, segment in enumerate(segments):
-            last = index == len(segments) - 1
+        for segment in pattern[1:].split("/"):
             if segment == "**":
-                # Zero or more whole segments, with their leading slashes.
-                parts.append(r"(?:/[^/]*)*" if last else r"(?:/[^/]*)*?")
+                self._segments.append(None)
                 continue
             if "**" in segment:
                 raise ValueError(
                     f"'**' must be a whole segment of a path pattern (got {pattern!r})."
                 )
             if re.fullmatch(r"\{[A-Za-z_][A-Za-z0-9_]*\}", segment):
-                parts.append(r"/[^/]+")
+                self._segments.append(bool)  # any non-empty segment
                 continue
             pieces = [re.escape(piece) for piece in segment.split("*")]
-            parts.append("/" + "[^/]*".join(pieces))
-        self._regex = re.compile("".join(parts), re.DOTALL)
+            self._segments.append(_segment_glob(re.compile("[^/]*".join(pieces), re.DOTALL)))
 
     def matches(self, path: str) -> bool:
         """Whether ``path`` matches the pattern."""
-        return self._regex.fullmatch(path) is not None
+        if self.pattern == "*":
+            return True
+        if not path.startswith("/"):
+            return False
+        segments = path[1:].split("/")
+        # reached[j]: the pattern's segments so far match the path's first j segments.
+        reached = [True] + [False] * len(segments)
+        for test in self._segments:
+            if test is None:
+                # `**`: any number of segments, none included.
+                reached = list(itertools.accumulate(reached, operator.or_))
+            else:
+                reached = [False] + [reached[j] and test(segments[j]) for j in range(len(segments))]
+            if not any(reached):
+                return False
+        return reached[-1]
 
     def __repr__(self) -> str:
         return f"PathPattern({self.pattern!r})"
+
+
+def _segment_glob(glob: re.Pattern[str]) -> Callable[[str], bool]:
+    def test(segment: str) -> bool:
+        return glob.fullmatch(segment) is not None
+
+    return test
 
 
 Condition = Callable[[Principal, AccessRequest], bool]
