@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from buttress.caching.writebehind import Key
 
-__all__ = ["Codec", "RedisCache"]
+__all__ = ["Codec", "RedisCache", "check_url_and_prefix"]
 
 # Keys per SCAN step and per UNLINK in clear(): big enough to need few round trips, small
 # enough that no single command holds the server up.
@@ -35,6 +35,26 @@ _CLEAR_BATCH = 500
 _LONGEST_PX = 2**62
 # The characters Redis's glob patterns (SCAN MATCH) give a meaning to.
 _GLOB_SPECIAL = frozenset(b"*?[]\\")
+
+
+def check_url_and_prefix(url: object, prefix: object, keeps: str) -> None:
+    """Refuses a URL that is not a str and an empty or non-str key prefix; ``keeps`` says
+    what the prefix keeps apart, for the message.
+
+    >>> check_url_and_prefix("redis://127.0.0.1:6379/0", "", "this store's keys")
+    Traceback (most recent call last):
+    ...
+    ValueError: prefix must not be empty: it keeps this store's keys apart from everything ...
+    """
+    if not isinstance(url, str):
+        raise TypeError(f"url must be a redis:// URL string (got {type(url).__name__}).")
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str (got {type(prefix).__name__}).")
+    if not prefix:
+        raise ValueError(
+            f"prefix must not be empty: it keeps {keeps} apart from everything "
+            "else in the database."
+        )
 
 
 @runtime_checkable
@@ -96,15 +116,7 @@ class RedisCache:
         client: redis.Redis | None = None,
         async_client: redis.asyncio.Redis | None = None,
     ) -> None:
-        if not isinstance(url, str):
-            raise TypeError(f"url must be a redis:// URL string (got {type(url).__name__}).")
-        if not isinstance(prefix, str):
-            raise TypeError(f"prefix must be a str (got {type(prefix).__name__}).")
-        if not prefix:
-            raise ValueError(
-                "prefix must not be empty: it keeps this cache's keys, and what clear() "
-                "removes, apart from everything else in the database."
-            )
+        check_url_and_prefix(url, prefix, "this cache's keys, and what clear() removes,")
         if codec is not None and not isinstance(codec, Codec):
             raise TypeError(
                 "codec must have dumps(value) -> bytes and loads(data) -> value "

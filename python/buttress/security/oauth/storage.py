@@ -8,10 +8,11 @@ access token after them. Replaying a used code or reusing a rotated refresh toke
 whole family.
 
 ``OAuthStorage`` is the protocol a store implements; ``InMemoryOAuthStorage`` is the default.
-The protocol is synchronous and small on purpose, so a PostgreSQL store (one table per record
-kind, ``UPDATE ... WHERE used = false RETURNING`` for the atomic steps) or a Redis store (one
-hash per record, a Lua script or ``WATCH`` for the atomic steps) can follow. The server calls it
-from worker threads, so an implementation must be safe to call from several threads at once.
+For several server instances, ``buttress.backends.postgres_oauth.PostgresOAuthStorage`` and
+``buttress.backends.redis_oauth.RedisOAuthStorage`` implement it on a shared engine, each
+atomic step one statement (``UPDATE ... WHERE NOT used RETURNING``) or one Lua script. The
+server calls it from worker threads, so an implementation must be safe to call from several
+threads at once.
 
 >>> storage = InMemoryOAuthStorage()
 >>> storage.get_client("nobody") is None
