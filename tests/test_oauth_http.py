@@ -85,6 +85,7 @@ def dev_config(issuer: str) -> dict[str, Any]:
             {"client_id": "resource", "client_secret": "resource-secret"},
             {"client_id": "batch", "client_secret": "batch-secret", "scopes": ["reports"]},
         ],
+        "introspection_clients": ["resource"],
     }
 
 

@@ -28,7 +28,7 @@ REDIRECT = "https://app.example/callback"
 
 @pytest.fixture
 def server() -> OAuthServer:
-    server = OAuthServer(ISSUER, audience="https://api.example")
+    server = OAuthServer(ISSUER, audience="https://api.example", introspection_clients=["api"])
     server.register_client(
         "web", client_secret="web-secret", redirect_uris=[REDIRECT], scopes=["profile", "orders"]
     )
@@ -485,6 +485,34 @@ def test_introspection_of_an_active_access_token(server: OAuthServer) -> None:
     assert info["iss"] == ISSUER
     assert info["aud"] == "https://api.example"
     assert info["token_type"] == "Bearer"
+
+
+def test_only_named_resource_servers_introspect_other_clients_tokens(server: OAuthServer) -> None:
+    server.register_client("batch", client_secret="batch-secret", scopes=["reports"])
+    code, verifier = grant(server, scope="profile")
+    tokens = exchange(server, code, verifier)
+    # RFC 7662 section 4: a client that is not a named resource server learns nothing of
+    # another client's token, not even that it exists.
+    for token in (tokens.access_token, tokens.refresh_token):
+        assert server.introspect(token or "", client_id="batch", client_secret="batch-secret") == {
+            "active": False
+        }
+        assert server.introspect(token or "", client_id="api", client_secret="api-secret")["active"]
+    # A client may always ask about its own tokens.
+    assert server.introspect(tokens.access_token, client_id="web", client_secret="web-secret")[
+        "active"
+    ]
+    own = server.client_credentials(client_id="batch", client_secret="batch-secret")
+    assert server.introspect(own.access_token, client_id="batch", client_secret="batch-secret")[
+        "active"
+    ]
+
+
+def test_introspection_clients_must_be_a_collection_of_ids() -> None:
+    with pytest.raises(TypeError, match="introspection_clients"):
+        OAuthServer(ISSUER, introspection_clients="api")
+    with pytest.raises(TypeError, match="introspection_clients"):
+        OAuthServer(ISSUER, introspection_clients=[7])  # type: ignore[list-item]
 
 
 def test_introspection_needs_an_authenticated_client(server: OAuthServer) -> None:

@@ -494,7 +494,12 @@ class Introspection(IntrospectionEndpoint):  # type: ignore[misc]
         return find_token(_owner(self), token_string)
 
     def check_permission(self, token: Token, client: Client, request: Any) -> bool:
-        return True
+        # RFC 7662 section 4: only resource servers named to the server learn about any
+        # token; a client may always ask about its own.
+        client_id = client.get_client_id()
+        return (
+            client_id in _owner(self).introspection_clients or token.record.client_id == client_id
+        )
 
     def introspect_token(self, token: Token) -> dict[str, Any]:
         return _owner(self).introspection_payload(token.record)

@@ -53,6 +53,7 @@ _TOP_LEVEL_KEYS = {
     "access_token_lifetime",
     "refresh_token_lifetime",
     "code_lifetime",
+    "introspection_clients",
 }
 _CLIENT_KEYS = {"client_id", "client_secret", "redirect_uris", "scopes", "public", "grant_types"}
 
@@ -130,6 +131,7 @@ def create_dev_app(config: Mapping[str, Any], *, default_issuer: str | None = No
             "access_token_lifetime",
             "refresh_token_lifetime",
             "code_lifetime",
+            "introspection_clients",
         )
         if name in config
     }

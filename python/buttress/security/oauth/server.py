@@ -145,6 +145,9 @@ class OAuthServer:
     - ``scopes_supported``: every scope the server knows; any scope when None.
     - ``access_token_lifetime``, ``refresh_token_lifetime``: seconds (int).
     - ``code_lifetime``: seconds an authorization code may be redeemed in (at most 600).
+    - ``introspection_clients``: the confidential clients (resource servers) that may
+      introspect any token. Any other client learns only about tokens issued to itself; for
+      the rest introspection answers ``{"active": false}`` (RFC 7662 section 4).
 
     >>> server = OAuthServer("https://auth.example", audience="https://api.example")
     >>> server.metadata()["code_challenge_methods_supported"]
@@ -161,6 +164,7 @@ class OAuthServer:
         access_token_lifetime: int = 600,
         refresh_token_lifetime: int = 14 * 24 * 3600,
         code_lifetime: float = 60.0,
+        introspection_clients: Iterable[str] = (),
     ) -> None:
         self.issuer = _check_issuer(issuer)
         if storage is None:
@@ -193,6 +197,14 @@ class OAuthServer:
                 f"to be redeemed at once (got {code_lifetime})."
             )
         self.code_lifetime = float(code_lifetime)
+        if isinstance(introspection_clients, str):
+            raise TypeError(
+                "introspection_clients must be a collection of client ids, not one str "
+                f"(got {introspection_clients!r}); write [{introspection_clients!r}]."
+            )
+        self.introspection_clients = frozenset(
+            _check_text("introspection_clients", client) for client in introspection_clients
+        )
         # How long a grant family can have live tokens: the longest a revocation of it must be
         # remembered, and a used code kept to recognise its replay.
         self.family_lifetime = float(
