@@ -86,6 +86,8 @@ def dev_config(issuer: str) -> dict[str, Any]:
             {"client_id": "batch", "client_secret": "batch-secret", "scopes": ["reports"]},
         ],
         "introspection_clients": ["resource"],
+        # The rotation test wants the new key to sign at once.
+        "key_publication_delay": 0,
     }
 
 

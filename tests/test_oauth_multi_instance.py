@@ -45,12 +45,14 @@ def servers(make_store: Callable[[], OAuthStorage]) -> tuple[OAuthServer, OAuthS
         storage=make_store(),
         audience="https://api.example",
         introspection_clients=["api"],
+        key_publication_delay=0,
     )
     b = OAuthServer(
         ISSUER,
         storage=make_store(),
         audience="https://api.example",
         introspection_clients=["api"],
+        key_publication_delay=0,
     )
     a.register_client("web", client_secret=SECRETS["web"], redirect_uris=[REDIRECT])
     a.register_client("api", client_secret=SECRETS["api"])

@@ -566,7 +566,7 @@ def test_metadata(server: OAuthServer) -> None:
 
 
 def test_key_rotation_keeps_the_old_key_until_its_tokens_expire() -> None:
-    server = OAuthServer(ISSUER, access_token_lifetime=1)
+    server = OAuthServer(ISSUER, access_token_lifetime=1, key_publication_delay=0)
     server.register_client("api", client_secret="s")
     before = server.client_credentials(client_id="api", client_secret="s").access_token
     old_kid = server.jwks()["keys"][0]["kid"]
@@ -585,6 +585,46 @@ def test_key_rotation_keeps_the_old_key_until_its_tokens_expire() -> None:
             assert record.retire_at <= time.time() + 1 + 60
     server.storage.purge(time.time() + 62)
     assert [key["kid"] for key in server.jwks()["keys"]] == [new_kid]
+
+
+def test_a_new_key_is_published_before_it_signs(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    server = OAuthServer(ISSUER, access_token_lifetime=600, key_publication_delay=300)
+    server.register_client("api", client_secret="s")
+
+    def signer() -> str:
+        token = server.client_credentials(client_id="api", client_secret="s").access_token
+        return str(jwt.decode(token, KeySet.import_key_set(server.jwks())).header["kid"])
+
+    first = signer()  # the first key signs at once: nothing was signed before it
+    now[0] += 10
+    second = server.rotate_signing_key()
+    # Published at once, so a resource server refreshing its cached JWKS learns it ...
+    assert [key["kid"] for key in server.jwks()["keys"]] == [first, second]
+    # ... but it signs only once every cached JWKS (max-age 300) can hold it.
+    now[0] += 299
+    assert signer() == first
+    now[0] += 2
+    assert signer() == second
+    # The old key signed until then, so it stays until its last token has expired.
+    retire_at = {r.kid: r.retire_at for r in server.storage.signing_keys()}[first]
+    assert retire_at == 1_000_000.0 + 10 + 300 + 600 + 60
+    # Two rotations in a row: each key signs in turn, none before it was published 300 s.
+    third = server.rotate_signing_key()
+    now[0] += 1
+    fourth = server.rotate_signing_key()
+    assert signer() == second
+    now[0] += 300
+    assert signer() == fourth
+    assert third in [key["kid"] for key in server.jwks()["keys"]]
+
+
+def test_key_publication_delay_is_checked() -> None:
+    with pytest.raises(TypeError, match="key_publication_delay"):
+        OAuthServer(ISSUER, key_publication_delay="300")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="key_publication_delay"):
+        OAuthServer(ISSUER, key_publication_delay=-1)
 
 
 # ---- storage ---------------------------------------------------------------------------------

@@ -127,7 +127,9 @@ def create_app(
 
     async def jwks(request: Request) -> Response:
         keys = await run_in_threadpool(server.jwks)
-        return JSONResponse(keys, headers={"Cache-Control": "max-age=300"})
+        # Cached no longer than a new key is published before it signs.
+        max_age = int(server.key_publication_delay)
+        return JSONResponse(keys, headers={"Cache-Control": f"max-age={max_age}"})
 
     openapi = load_openapi()
 

@@ -54,6 +54,7 @@ _TOP_LEVEL_KEYS = {
     "refresh_token_lifetime",
     "code_lifetime",
     "introspection_clients",
+    "key_publication_delay",
 }
 _CLIENT_KEYS = {"client_id", "client_secret", "redirect_uris", "scopes", "public", "grant_types"}
 
@@ -132,6 +133,7 @@ def create_dev_app(config: Mapping[str, Any], *, default_issuer: str | None = No
             "refresh_token_lifetime",
             "code_lifetime",
             "introspection_clients",
+            "key_publication_delay",
         )
         if name in config
     }

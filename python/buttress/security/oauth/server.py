@@ -145,6 +145,9 @@ class OAuthServer:
     - ``scopes_supported``: every scope the server knows; any scope when None.
     - ``access_token_lifetime``, ``refresh_token_lifetime``: seconds (int).
     - ``code_lifetime``: seconds an authorization code may be redeemed in (at most 600).
+    - ``key_publication_delay``: seconds a new signing key is published in the JWKS before it
+      signs (the JWKS's ``Cache-Control: max-age``), so a resource server holding the key set
+      in a cache knows the key before it sees a token signed with it. 0 signs at once.
     - ``introspection_clients``: the confidential clients (resource servers) that may
       introspect any token. Any other client learns only about tokens issued to itself; for
       the rest introspection answers ``{"active": false}`` (RFC 7662 section 4).
@@ -165,6 +168,7 @@ class OAuthServer:
         refresh_token_lifetime: int = 14 * 24 * 3600,
         code_lifetime: float = 60.0,
         introspection_clients: Iterable[str] = (),
+        key_publication_delay: float = 300.0,
     ) -> None:
         self.issuer = _check_issuer(issuer)
         if storage is None:
@@ -202,6 +206,19 @@ class OAuthServer:
                 "introspection_clients must be a collection of client ids, not one str "
                 f"(got {introspection_clients!r}); write [{introspection_clients!r}]."
             )
+        if isinstance(key_publication_delay, bool) or not isinstance(
+            key_publication_delay, (int, float)
+        ):
+            raise TypeError(
+                "key_publication_delay must be a number of seconds "
+                f"(got {type(key_publication_delay).__name__})."
+            )
+        if not 0 <= key_publication_delay <= 86_400:
+            raise ValueError(
+                "key_publication_delay must be from 0 to 86400 seconds: how long resource "
+                f"servers may cache the JWKS (got {key_publication_delay})."
+            )
+        self.key_publication_delay = float(key_publication_delay)
         self.introspection_clients = frozenset(
             _check_text("introspection_clients", client) for client in introspection_clients
         )
@@ -645,10 +662,11 @@ class OAuthServer:
         return {"keys": [self._imported(record).as_dict(private=False) for record in published]}
 
     def rotate_signing_key(self) -> str:
-        """Makes a new signing key current and returns its key id. The previous key stays in
-        the JWKS until the last token it signed has expired, then leaves it.
+        """Makes a new signing key and returns its key id. It is published in the JWKS at
+        once and signs after ``key_publication_delay``; until then the previous key signs, and
+        it stays in the JWKS until the last token it signed has expired.
 
-        >>> server = OAuthServer("https://auth.example")
+        >>> server = OAuthServer("https://auth.example", key_publication_delay=0)
         >>> first_kid = server.jwks()["keys"][0]["kid"]
         >>> new_kid = server.rotate_signing_key()
         >>> [key["kid"] == new_kid for key in server.jwks()["keys"]]
@@ -659,7 +677,7 @@ class OAuthServer:
             previous = [r for r in self.storage.signing_keys() if r.retire_at is None]
             fresh = self._new_key_record(now)
             self.storage.save_signing_key(fresh)
-            retire_at = now + self.access_token_lifetime + _CLOCK_SKEW
+            retire_at = now + self.key_publication_delay + self.access_token_lifetime + _CLOCK_SKEW
             for record in previous:
                 self.storage.save_signing_key(replace(record, retire_at=retire_at))
             return fresh.kid
@@ -805,15 +823,25 @@ class OAuthServer:
         )
 
     def _current_key(self) -> ECKey:
-        current = [r for r in self.storage.signing_keys() if r.retire_at is None]
-        if not current:
+        records = self.storage.signing_keys()
+        if not any(r.retire_at is None for r in records):
             with self._key_lock:
-                current = [r for r in self.storage.signing_keys() if r.retire_at is None]
-                if not current:
-                    record = self._new_key_record(time.time())
-                    self.storage.save_signing_key(record)
-                    current = [record]
-        return self._imported(current[-1])
+                records = self.storage.signing_keys()
+                if not any(r.retire_at is None for r in records):
+                    records = [*records, self._new_key_record(time.time())]
+                    self.storage.save_signing_key(records[-1])
+        return self._imported(self._signing_record(records, time.time()))
+
+    def _signing_record(self, records: list[SigningKeyRecord], now: float) -> SigningKeyRecord:
+        """The key that signs now. A key starts signing ``key_publication_delay`` after it
+        was made (the oldest key at once: nothing signed before it), and signs until a newer
+        key starts; a retired key never signs."""
+        ordered = sorted(records, key=lambda r: (r.created_at, r.kid))
+        live = [r for r in ordered if r.retire_at is None or r.retire_at > now]
+        started = [
+            r for r in live if r is ordered[0] or r.created_at + self.key_publication_delay <= now
+        ]
+        return started[-1] if started else live[0]
 
     def _published_key_set(self) -> KeySet:
         return KeySet([self._imported(record) for record in self.storage.signing_keys()])
