@@ -257,3 +257,25 @@ def test_instances_rotating_at_once_keep_every_token_checkable(
         for token in (before, *after):
             kid_checked_by(server, token)
     assert kid_checked_by(a, after[0]) == kid_checked_by(b, after[1])
+
+
+def test_sealed_signing_keys_are_shared_by_instances_with_the_encryptor(
+    make_store: Callable[[], OAuthStorage],
+) -> None:
+    from buttress.security.zerotrust import FieldEncryptor, KeyRing
+
+    encryptor = FieldEncryptor(KeyRing.generate("kek-1"))
+    a = OAuthServer(ISSUER, storage=make_store(), key_encryptor=encryptor, key_publication_delay=0)
+    b = OAuthServer(ISSUER, storage=make_store(), key_encryptor=encryptor, key_publication_delay=0)
+    a.register_client("api", client_secret=SECRETS["api"])
+    token = a.client_credentials(client_id="api", client_secret=SECRETS["api"]).access_token
+    # What the engine holds cannot sign: no private scalar, only the sealed form.
+    for record in b.storage.signing_keys():
+        assert "d" not in record.private_jwk
+        assert str(record.private_jwk["sealed_private_jwk"]).startswith("btfe1:")
+    assert jwt.decode(token, KeySet.import_key_set(b.jwks())).claims["client_id"] == "api"
+    assert b.client_credentials(client_id="api", client_secret=SECRETS["api"]).access_token
+    # An instance without the encryptor cannot use the sealed keys.
+    c = OAuthServer(ISSUER, storage=make_store(), key_publication_delay=0)
+    with pytest.raises(ValueError, match="sealed"):
+        c.jwks()

@@ -5,10 +5,12 @@ revokes, refresh rotation with reuse detection, hashed secrets, key rotation), p
 from __future__ import annotations
 
 import base64
+import dataclasses
 import threading
 import time
 from typing import Any
 
+import buttress
 import pytest
 from buttress.errors import ButtressError, OAuthError
 from buttress.security.oauth import (
@@ -782,3 +784,27 @@ def test_remembered_secrets_are_bounded_and_check_their_arguments() -> None:
         VerifiedSecrets(max_entries=0)
     with pytest.raises(TypeError, match="max_entries"):
         VerifiedSecrets(max_entries="9")  # type: ignore[arg-type]
+
+
+def test_signing_keys_can_be_sealed_before_they_are_stored() -> None:
+    from buttress.security.zerotrust import FieldEncryptor, KeyRing
+
+    ring = KeyRing.generate("kek-1")
+    server = OAuthServer(ISSUER, key_encryptor=FieldEncryptor(ring), key_publication_delay=0)
+    server.register_client("api", client_secret="s")
+    token = server.client_credentials(client_id="api", client_secret="s").access_token
+    (record,) = server.storage.signing_keys()
+    assert "d" not in record.private_jwk
+    assert jwt.decode(token, KeySet.import_key_set(server.jwks())).header["kid"] == record.kid
+    # The KEK rotates; the sealed key still opens, and new keys are sealed with the new KEK.
+    ring.rotate("kek-2")
+    server.rotate_signing_key()
+    assert server.client_credentials(client_id="api", client_secret="s").access_token
+    # A sealed key moved to another record (another kid) does not open.
+    moved = dataclasses.replace(record, kid="someone-else")
+    fresh = OAuthServer(ISSUER, key_encryptor=FieldEncryptor(ring))
+    fresh.storage.save_signing_key(moved)
+    with pytest.raises(buttress.FieldDecryptionError):
+        fresh.jwks()
+    with pytest.raises(TypeError, match="key_encryptor"):
+        OAuthServer(ISSUER, key_encryptor=ring)  # type: ignore[arg-type]

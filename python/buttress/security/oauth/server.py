@@ -68,6 +68,7 @@ from buttress.security.oauth.storage import (
     TokenRecord,
 )
 from buttress.security.tokens import is_loopback_host
+from buttress.security.zerotrust.encryption import FieldEncryptor
 
 __all__ = [
     "AuthorizationRequest",
@@ -83,6 +84,8 @@ _GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials")
 # Tokens are checked with up to this much clock skew, so a retired key stays published this
 # much longer than the last token it signed.
 _CLOCK_SKEW = 60
+# Where a sealed signing key sits in its record, and the field its encryption is bound to.
+_SEALED_KEY_FIELD = "sealed_private_jwk"
 _PURGE_INTERVAL = 60.0
 
 
@@ -148,6 +151,9 @@ class OAuthServer:
     - ``key_publication_delay``: seconds a new signing key is published in the JWKS before it
       signs (the JWKS's ``Cache-Control: max-age``), so a resource server holding the key set
       in a cache knows the key before it sees a token signed with it. 0 signs at once.
+    - ``key_encryptor``: a ``buttress.security.zerotrust.FieldEncryptor`` that seals signing
+      keys before they are stored (AES-256-GCM under its keyring), so whoever reads the store
+      cannot sign tokens. Keys stored without one still load; keys sealed with one need it.
     - ``introspection_clients``: the confidential clients (resource servers) that may
       introspect any token. Any other client learns only about tokens issued to itself; for
       the rest introspection answers ``{"active": false}`` (RFC 7662 section 4).
@@ -169,6 +175,7 @@ class OAuthServer:
         code_lifetime: float = 60.0,
         introspection_clients: Iterable[str] = (),
         key_publication_delay: float = 300.0,
+        key_encryptor: FieldEncryptor | None = None,
     ) -> None:
         self.issuer = _check_issuer(issuer)
         if storage is None:
@@ -219,6 +226,12 @@ class OAuthServer:
                 f"servers may cache the JWKS (got {key_publication_delay})."
             )
         self.key_publication_delay = float(key_publication_delay)
+        if key_encryptor is not None and not isinstance(key_encryptor, FieldEncryptor):
+            raise TypeError(
+                "key_encryptor must be a buttress.security.zerotrust.FieldEncryptor or None "
+                f"(got {type(key_encryptor).__name__})."
+            )
+        self.key_encryptor = key_encryptor
         self.introspection_clients = frozenset(
             _check_text("introspection_clients", client) for client in introspection_clients
         )
@@ -819,7 +832,7 @@ class OAuthServer:
             "P-256", parameters={"use": "sig", "alg": _integration.SIGNING_ALGORITHM}, auto_kid=True
         )
         return SigningKeyRecord(
-            kid=str(key.kid), private_jwk=key.as_dict(private=True), created_at=now
+            kid=str(key.kid), private_jwk=self._seal(str(key.kid), key), created_at=now
         )
 
     def _current_key(self) -> ECKey:
@@ -846,10 +859,35 @@ class OAuthServer:
     def _published_key_set(self) -> KeySet:
         return KeySet([self._imported(record) for record in self.storage.signing_keys()])
 
+    def _seal(self, kid: str, key: ECKey) -> dict[str, Any]:
+        private = key.as_dict(private=True)
+        if self.key_encryptor is None:
+            return dict(private)
+        sealed = self.key_encryptor.encrypt_text(
+            json.dumps(private), record_id=kid, field=_SEALED_KEY_FIELD
+        )
+        return {"kid": kid, _SEALED_KEY_FIELD: sealed}
+
+    def _unseal(self, record: SigningKeyRecord) -> dict[str, Any]:
+        sealed = record.private_jwk.get(_SEALED_KEY_FIELD)
+        if sealed is None:
+            return dict(record.private_jwk)
+        if self.key_encryptor is None:
+            raise ValueError(
+                f"The signing key {record.kid!r} is stored sealed; give the server the "
+                "key_encryptor that sealed it."
+            )
+        # The record id binds the sealed key to its kid: a key moved to another record fails.
+        plain = self.key_encryptor.decrypt_text(
+            str(sealed), record_id=record.kid, field=_SEALED_KEY_FIELD
+        )
+        private: dict[str, Any] = json.loads(plain)
+        return private
+
     def _imported(self, record: SigningKeyRecord) -> ECKey:
         key = self._imported_keys.get(record.kid)
         if key is None:
-            key = ECKey.import_key(dict(record.private_jwk))
+            key = ECKey.import_key(self._unseal(record))
             self._imported_keys[record.kid] = key
         return key
 
