@@ -482,6 +482,18 @@ async def test_lifespan_passes_through(setup: Setup) -> None:
     assert seen == ["lifespan"]
 
 
+async def test_a_scope_type_it_cannot_check_never_reaches_the_app(setup: Setup) -> None:
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["type"])
+
+    middleware = Setup(app=app).middleware
+    with pytest.raises(RuntimeError, match="webtransport"):
+        await call(middleware, {"type": "webtransport", "path": "/orders/1", "headers": []})
+    assert seen == []
+
+
 async def test_paths_with_dot_segments_are_refused(setup: Setup) -> None:
     scope = {
         "type": "http",

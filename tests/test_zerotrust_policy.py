@@ -334,3 +334,15 @@ def test_several_double_stars_on_a_long_path_match_segment_by_segment() -> None:
     assert not pattern.matches(long_path)
     assert pattern.matches(long_path + "/a/x/b/c")
     assert not pattern.matches("relative/a/b/c")
+
+
+def test_a_bool_claim_matches_only_a_bool() -> None:
+    # In Python True == 1, but a token saying "admin": 1 is not one saying "admin": true.
+    policy = RulePolicy(
+        [allow("admins", claims={"admin": True}), allow("tier-1", claims={"tier": 1})]
+    )
+    assert policy.decide(principal(admin=True), AccessRequest("GET", "/")).rule == "admins"
+    assert not policy.decide(principal(admin=1), AccessRequest("GET", "/")).allowed
+    assert not policy.decide(principal(tier=True), AccessRequest("GET", "/")).allowed
+    assert policy.decide(principal(tier=1), AccessRequest("GET", "/")).rule == "tier-1"
+    assert policy.decide(principal(tier=[2, 1]), AccessRequest("GET", "/")).rule == "tier-1"

@@ -230,9 +230,16 @@ class ZeroTrustMiddleware:
         self._cache = LocalCache(cache_size) if cache_ttl > 0 else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope.get("type") not in ("http", "websocket"):
-            await self.app(scope, receive, send)  # lifespan and other protocols pass through
+        kind = scope.get("type")
+        if kind == "lifespan":
+            await self.app(scope, receive, send)  # startup and shutdown carry no request
             return
+        if kind not in ("http", "websocket"):
+            # Fail closed: a protocol this middleware cannot check must not reach the app.
+            raise RuntimeError(
+                f"ZeroTrustMiddleware cannot check ASGI scopes of type {kind!r} (only http, "
+                "websocket and lifespan); refusing to pass the request to the app unchecked."
+            )
         method = "GET" if scope["type"] == "websocket" else str(scope.get("method", "GET"))
         request = AccessRequest(method, str(scope.get("path", "")), _context(scope))
         try:

@@ -175,6 +175,14 @@ class PathPattern:
         return f"PathPattern({self.pattern!r})"
 
 
+def _same_claim(held: object, wanted: object) -> bool:
+    """Equality for claim values, except that a bool equals only a bool: in Python ``True ==
+    1``, but a claim ``"admin": 1`` must not satisfy a rule asking for ``True``."""
+    if isinstance(held, bool) or isinstance(wanted, bool):
+        return held is wanted
+    return held == wanted
+
+
 def _segment_glob(glob: re.Pattern[str]) -> Callable[[str], bool]:
     def test(segment: str) -> bool:
         return glob.fullmatch(segment) is not None
@@ -285,7 +293,7 @@ class Rule:
                 return False
             value = principal.claims[claim]
             held = value if isinstance(value, list) else [value]
-            if not any(item in accepted for item in held):
+            if not any(_same_claim(item, wanted) for item in held for wanted in accepted):
                 return False
         if self.workloads:
             workload = principal.workload_id
