@@ -2,7 +2,9 @@
 with the libraries used plainly.
 
 - token-validate: one RFC 9068 access token (ES256) checked completely: signature, issuer,
-  audience and expiry. buttress ``TokenValidator.validate`` beside joserfc's ``jwt.decode``
+  audience and expiry. buttress ``TokenValidator.validate`` with its cache of verified tokens
+  off, and on with a token it has seen before (a resource server sees a client's token on
+  every request until it expires), beside joserfc's ``jwt.decode``
   plus a ``JWTClaimsRegistry`` (what buttress builds on), and Authlib's ``JsonWebToken``
   (``authlib.jose``, which Authlib now marks deprecated in favour of joserfc). An ECDSA
   verification is most of the cost in every case.
@@ -77,14 +79,27 @@ JWKS = _ISSUING_SERVER.jwks()
 SUBJECT = "reports"
 
 
-@add_validate(BUTTRESS, "TokenValidator.validate")
+@add_validate(BUTTRESS, "TokenValidator.validate, every call checked (cache_size=0)")
 def _() -> Made:
-    validator = TokenValidator(issuer=ISSUER, audience=AUDIENCE, jwks=JWKS, access_token=True)
+    validator = TokenValidator(
+        issuer=ISSUER, audience=AUDIENCE, jwks=JWKS, access_token=True, cache_size=0
+    )
 
     def run() -> bool:
         return validator.validate(TOKEN).subject == SUBJECT
 
     return run, lambda: "signature, iss, aud, exp, RFC 9068 typ checked each call"
+
+
+@add_validate(BUTTRESS, "TokenValidator.validate, a token seen before")
+def _() -> Made:
+    validator = TokenValidator(issuer=ISSUER, audience=AUDIENCE, jwks=JWKS, access_token=True)
+    validator.validate(TOKEN)
+
+    def run() -> bool:
+        return validator.validate(TOKEN).subject == SUBJECT
+
+    return run, lambda: "checked fully once, then remembered until its exp (the default)"
 
 
 @add_validate(JOSERFC, "jwt.decode + JWTClaimsRegistry")

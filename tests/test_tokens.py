@@ -713,3 +713,87 @@ def test_static_key_set_accepts_a_key_set_object(issuer: Issuer) -> None:
     validator = issuer.validator(jwks=StaticKeySet(key_set))
     assert validator.validate(issuer.token()).subject == "alice"
     assert issuer.validator(jwks=key_set).validate(issuer.token()).subject == "alice"
+
+
+# ---- the cache of verified tokens ------------------------------------------------------------
+
+
+class CountingChecks:
+    """Counts the signature checks a validator makes (the cached path makes none)."""
+
+    def __init__(self, validator: TokenValidator, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        finish = validator._finish
+
+        def counted(*args: Any) -> Any:
+            self.count += 1
+            return finish(*args)
+
+        monkeypatch.setattr(validator, "_finish", counted)
+
+
+def test_a_verified_token_is_remembered_until_its_exp(
+    issuer: Issuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    validator = issuer.validator(cache_ttl=600)
+    checks = CountingChecks(validator, monkeypatch)
+    token = issuer.token(exp=int(issuer.clock()) + 100)
+    for _ in range(3):
+        assert validator.validate(token).subject == "alice"
+    assert checks.count == 1
+    assert asyncio.run(validator.validate_async(token)).subject == "alice"
+    assert checks.count == 1
+    # Past exp the full check decides again: the leeway forgives 30 s, then it is refused.
+    issuer.clock.advance(100)
+    assert validator.validate(token).subject == "alice"
+    assert checks.count == 2
+    issuer.clock.advance(31)
+    assert refused(validator, token).reason == "expired"
+
+
+def test_a_remembered_token_is_checked_again_after_cache_ttl(
+    issuer: Issuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    validator = issuer.validator(cache_ttl=10)
+    checks = CountingChecks(validator, monkeypatch)
+    token = issuer.token()
+    validator.validate(token)
+    issuer.clock.advance(9)
+    validator.validate(token)
+    assert checks.count == 1
+    issuer.clock.advance(2)
+    validator.validate(token)
+    assert checks.count == 2
+
+
+def test_a_key_rotated_out_ends_its_tokens_hits(issuer: Issuer, jwks_server: JWKSServer) -> None:
+    keys = RemoteKeySet(jwks_server.url, clock=issuer.clock)
+    validator = issuer.validator(jwks=keys, cache_ttl=3600)
+    old_token = issuer.token("k1", exp=int(issuer.clock()) + 3600)
+    assert validator.validate(old_token).subject == "alice"
+    issuer.add_key("k2")
+    del issuer.keys["k1"]
+    jwks_server.jwks = issuer.jwks()
+    issuer.clock.advance(301)  # past the key set's cache_ttl: the next lookup refetches
+    assert refused(validator, old_token).reason == "unknown_key"
+
+
+def test_refused_tokens_are_not_remembered_and_the_cache_can_be_off(
+    issuer: Issuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    validator = issuer.validator()
+    bad = issuer.token(aud="someone-else")
+    for _ in range(2):
+        assert refused(validator, bad).reason == "wrong_audience"
+    uncached = issuer.validator(cache_size=0)
+    checks = CountingChecks(uncached, monkeypatch)
+    token = issuer.token()
+    uncached.validate(token)
+    uncached.validate(token)
+    assert checks.count == 2
+    with pytest.raises(TypeError, match="cache_size"):
+        issuer.validator(cache_size="10")
+    with pytest.raises(ValueError, match="cache_size"):
+        issuer.validator(cache_size=-1)
+    with pytest.raises(ValueError, match="cache_ttl"):
+        issuer.validator(cache_ttl=-1)

@@ -64,6 +64,7 @@ from joserfc.jwk import Key, KeySet
 from joserfc.jws import CompactSignature, JWSRegistry
 from joserfc.jwt import JWTClaimsRegistry
 
+from buttress._core import LocalCache
 from buttress.errors import InvalidTokenError, KeySetUnavailableError
 
 __all__ = [
@@ -679,6 +680,11 @@ class TokenValidator:
     - ``access_token=True``: the RFC 9068 profile (``typ`` ``at+jwt`` and its claims).
     - ``token_type``: a ``typ`` header to demand without the rest of the profile.
     - ``clock``: seconds since the epoch (``time.time``), replaceable in tests.
+    - ``cache_size``, ``cache_ttl``: tokens that passed every check are remembered (at most
+      ``cache_size``, each at most ``cache_ttl`` seconds and never past its ``exp``), so the
+      next request with the same token costs a lookup instead of a signature check. A hit
+      still asks the key set for the token's key and must find the very key that verified it:
+      a key rotated out of the set ends its tokens' hits. ``cache_size=0`` checks every time.
 
     ``validate`` returns a ``VerifiedToken`` or raises ``InvalidTokenError``, whose ``reason``
     is one of ``malformed``, ``algorithm_not_allowed``, ``wrong_token_type``, ``unknown_key``,
@@ -710,6 +716,8 @@ class TokenValidator:
         access_token: bool = False,
         token_type: str | None = None,
         clock: Callable[[], float] = time.time,
+        cache_size: int = 10_000,
+        cache_ttl: float = 60.0,
     ) -> None:
         if not isinstance(issuer, str) or not issuer:
             raise TypeError(
@@ -765,6 +773,15 @@ class TokenValidator:
         if not callable(clock):
             raise TypeError(f"clock must be a callable returning seconds (got {clock!r}).")
         self._clock = clock
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int):
+            raise TypeError(f"cache_size must be an int (got {type(cache_size).__name__}).")
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be 0 (no cache) or more (got {cache_size}).")
+        self.cache_ttl = _check_seconds(cache_ttl, "cache_ttl")
+        # token -> (what it said, the key that verified it, the end of its hits on our clock)
+        self._verified: LocalCache | None = (
+            LocalCache(cache_size) if cache_size and self.cache_ttl else None
+        )
 
     # -- the public checks -----------------------------------------------------------------
 
@@ -778,10 +795,15 @@ class TokenValidator:
         ...
         buttress.errors.InvalidTokenError: The token is not a well-formed signed JWT ...
         """
+        hit = self._remembered(token)
+        if hit is not None:
+            verified, key, alg, kid = hit
+            if self.keys.find_key(kid, alg) is key:
+                return verified
         signed = self._parse(token)
         alg, kid = self._check_header(signed)
         key = self.keys.find_key(kid, alg)
-        return self._finish(signed, key)
+        return self._remember(token, self._finish(signed, key), key, alg, kid)
 
     async def validate_async(self, token: str | bytes) -> VerifiedToken:
         """``validate`` for asyncio: a remote key set is fetched without blocking the loop.
@@ -792,10 +814,39 @@ class TokenValidator:
         ...
         buttress.errors.InvalidTokenError: The token is not a well-formed signed JWT ...
         """
+        hit = self._remembered(token)
+        if hit is not None:
+            verified, key, alg, kid = hit
+            if await self.keys.find_key_async(kid, alg) is key:
+                return verified
         signed = self._parse(token)
         alg, kid = self._check_header(signed)
         key = await self.keys.find_key_async(kid, alg)
-        return self._finish(signed, key)
+        return self._remember(token, self._finish(signed, key), key, alg, kid)
+
+    # -- the cache of verified tokens ------------------------------------------------------
+
+    def _remembered(self, token: object) -> tuple[VerifiedToken, Key, str, str | None] | None:
+        if self._verified is None or not isinstance(token, (str, bytes)):
+            return None
+        entry = self._verified.get(token)
+        if entry is None:
+            return None
+        verified, key, alg, kid, until = entry
+        if self._clock() >= until:
+            self._verified.delete(token)
+            return None
+        return verified, key, alg, kid
+
+    def _remember(
+        self, token: str | bytes, verified: VerifiedToken, key: Key, alg: str, kid: str | None
+    ) -> VerifiedToken:
+        if self._verified is not None:
+            # Never past exp: after it, the full check (and its leeway) decides again.
+            expires = verified.expires_at
+            until = min(self._clock() + self.cache_ttl, math.inf if expires is None else expires)
+            self._verified.set(token, (verified, key, alg, kid, until))
+        return verified
 
     # -- the steps -------------------------------------------------------------------------
 
