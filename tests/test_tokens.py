@@ -16,9 +16,10 @@ import hashlib
 import hmac
 import json
 import threading
+import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -685,6 +686,41 @@ def test_an_oversized_jwks_answer_is_not_read_to_the_end(issuer: Issuer) -> None
         with pytest.raises(KeySetUnavailableError, match="larger than"):
             keys.refresh()
     assert len(served) < 64
+
+
+def test_an_issuer_trickling_its_answer_is_cut_off_at_the_timeout() -> None:
+    """httpx times each read; a byte every 0.1 s would never trip that, the whole answer's
+    deadline does."""
+    served: list[int] = []
+
+    def chunks() -> Iterator[bytes]:
+        for number in range(100):  # 10 s in all, if nothing cut it off
+            served.append(number)
+            time.sleep(0.1)
+            yield b" "
+
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=chunks()))
+    with httpx.Client(transport=transport) as client:
+        keys = RemoteKeySet("https://issuer.example/jwks", http_client=client, timeout=0.3)
+        with pytest.raises(KeySetUnavailableError, match="took longer"):
+            keys.refresh()
+    assert len(served) < 20
+
+    async def slow_chunks() -> AsyncIterator[bytes]:
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            yield b" "
+
+    async def scenario() -> None:
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, content=slow_chunks()))
+        async with httpx.AsyncClient(transport=transport) as client:
+            keys = RemoteKeySet(
+                "https://issuer.example/jwks", async_http_client=client, timeout=0.3
+            )
+            with pytest.raises(KeySetUnavailableError, match="took longer"):
+                await keys.refresh_async()
+
+    asyncio.run(scenario())
 
 
 def test_redirects_are_not_followed_even_by_a_given_client(issuer: Issuer) -> None:

@@ -505,6 +505,9 @@ class RemoteKeySet:
             raise KeySetUnavailableError(self.url, f"the request failed ({error!r})") from error
 
     def _read_sync(self, client: httpx.Client) -> KeySet:
+        # httpx times each read; the deadline bounds the whole answer, so an issuer that
+        # trickles bytes cannot hold the fetch (and every lookup waiting on it) for long.
+        deadline = time.monotonic() + self._timeout
         with client.stream(
             "GET", self.url, timeout=self._timeout, follow_redirects=False
         ) as response:
@@ -512,7 +515,7 @@ class RemoteKeySet:
             body = bytearray()
             for chunk in response.iter_bytes():
                 body += chunk
-                self._check_size(body)
+                self._check_size(body, deadline)
         return self._parse(bytes(body))
 
     async def _fetch_async(self) -> KeySet:
@@ -525,6 +528,7 @@ class RemoteKeySet:
             raise KeySetUnavailableError(self.url, f"the request failed ({error!r})") from error
 
     async def _read_async(self, client: httpx.AsyncClient) -> KeySet:
+        deadline = time.monotonic() + self._timeout
         async with client.stream(
             "GET", self.url, timeout=self._timeout, follow_redirects=False
         ) as response:
@@ -532,7 +536,7 @@ class RemoteKeySet:
             body = bytearray()
             async for chunk in response.aiter_bytes():
                 body += chunk
-                self._check_size(body)
+                self._check_size(body, deadline)
         return self._parse(bytes(body))
 
     def _check_status(self, response: httpx.Response) -> None:
@@ -541,10 +545,14 @@ class RemoteKeySet:
                 self.url, f"the issuer answered HTTP {response.status_code}"
             )
 
-    def _check_size(self, body: bytearray) -> None:
+    def _check_size(self, body: bytearray, deadline: float) -> None:
         if len(body) > _MAX_JWKS_BYTES:
             raise KeySetUnavailableError(
                 self.url, f"the answer is larger than {_MAX_JWKS_BYTES} bytes"
+            )
+        if time.monotonic() > deadline:
+            raise KeySetUnavailableError(
+                self.url, f"the answer took longer than the {self._timeout} s timeout"
             )
 
     def _parse(self, content: bytes) -> KeySet:
