@@ -16,7 +16,6 @@ and a key source for a resource server that lives in the same process as the ``O
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any
 
@@ -26,41 +25,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from buttress.errors import InvalidTokenError, KeySetUnavailableError
+from buttress.security._bearer import (
+    MalformedAuthorizationError,
+    bearer_challenge,
+    bearer_token,
+    quotable,
+    sanitise,
+)
 from buttress.security.oauth.server import OAuthServer
 from buttress.security.tokens import KeySource, StaticKeySet, TokenValidator, VerifiedToken
 
 __all__ = ["ProtectedEndpoint", "ResourceServer", "bearer_token"]
 
 ProtectedEndpoint = Callable[[Request, VerifiedToken], Awaitable[Response]]
-
-# RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
-_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-
-
-class MalformedAuthorizationError(ValueError):
-    """The Authorization header names the Bearer scheme but holds no well-formed token."""
-
-
-def bearer_token(authorization: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header; None when there is no
-    header or it uses another scheme. A Bearer header without a well-formed token raises
-    ``ValueError`` (answer ``invalid_request``, RFC 6750 section 3.1).
-
-    >>> bearer_token("Bearer abc.def.ghi"), bearer_token("Basic dXNlcjpwdw=="), bearer_token(None)
-    ('abc.def.ghi', None, None)
-    """
-    if authorization is None:
-        return None
-    scheme, _, credentials = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    credentials = credentials.strip()
-    if not _B64TOKEN.fullmatch(credentials):
-        raise MalformedAuthorizationError(
-            "The Authorization header names the Bearer scheme but holds no well-formed token; "
-            "send 'Authorization: Bearer <token>'."
-        )
-    return credentials
 
 
 class _ServerKeys:
@@ -124,7 +101,7 @@ class ResourceServer:
         if is_active is not None and not callable(is_active):
             raise TypeError(f"is_active must be a callable or None (got {is_active!r}).")
         self.is_active = is_active
-        if not isinstance(realm, str) or not realm or not _quotable(realm):
+        if not isinstance(realm, str) or not realm or not quotable(realm):
             raise ValueError(
                 f"realm must be a non-empty printable ASCII str without quotes (got {realm!r})."
             )
@@ -236,30 +213,14 @@ class ResourceServer:
         *,
         scope: str | None = None,
     ) -> Response:
-        parts = [f'realm="{self.realm}"']
-        if error is not None:
-            parts.append(f'error="{error}"')
-        if description is not None:
-            parts.append(f'error_description="{_sanitise(description)}"')
-        if scope is not None:
-            parts.append(f'scope="{_sanitise(scope)}"')
-        headers = {"WWW-Authenticate": "Bearer " + ", ".join(parts)}
+        challenge = bearer_challenge(self.realm, error=error, description=description, scope=scope)
+        headers = {"WWW-Authenticate": challenge}
         if error is None:
             return Response(status_code=status, headers=headers)
         body = {"error": error}
         if description is not None:
-            body["error_description"] = _sanitise(description)
+            body["error_description"] = sanitise(description)
         return JSONResponse(body, status_code=status, headers=headers)
 
     def __repr__(self) -> str:
         return f"ResourceServer(issuer={self.validator.issuer!r}, realm={self.realm!r})"
-
-
-def _quotable(text: str) -> bool:
-    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
-
-
-def _sanitise(text: str) -> str:
-    """Text made safe inside a quoted-string of a header (RFC 6750 allows %x20-21 / %x23-5B /
-    %x5D-7E in error_description)."""
-    return "".join(ch if _quotable(ch) else "'" if ch == '"' else "?" for ch in text)

@@ -17,10 +17,11 @@ every HTTP request and WebSocket handshake:
 5. calls the app with the principal in ``scope["buttress.principal"]`` and the decision in
    ``scope["buttress.decision"]`` (``principal_from_scope`` reads them).
 
-Verified tokens and decisions are cached for ``cache_ttl`` seconds (a bounded
-``buttress.LocalCache``) keyed by a SHA-256 of the token, never past the token's ``exp``.
-A decision is cached per (token, workload, method, path, client address, scheme); a policy
-whose conditions look at anything else (time of day, headers) needs ``cache_ttl=0``.
+Decisions are cached for ``cache_ttl`` seconds (a bounded ``buttress.LocalCache``) keyed by
+a SHA-256 of the token, never past the token's ``exp``; the validator remembers the tokens it
+verified the same way. A decision is cached per (token, workload, method, path, client
+address, scheme); a policy whose conditions look at anything else (time of day, headers) needs
+``cache_ttl=0``.
 
 >>> from buttress import EventStore
 >>> from buttress.security.tokens import TokenValidator
@@ -43,7 +44,6 @@ import inspect
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -55,6 +55,12 @@ from buttress.errors import (
     EventStoreError,
     InvalidTokenError,
     KeySetUnavailableError,
+)
+from buttress.security._bearer import (
+    MalformedAuthorizationError,
+    bearer_challenge,
+    bearer_token,
+    quotable,
 )
 from buttress.security.tokens import TokenValidator, VerifiedToken
 from buttress.security.zerotrust.audit import AuditLog
@@ -83,9 +89,7 @@ DECISION_SCOPE_KEY = "buttress.decision"
 
 _log = logging.getLogger("buttress.security.zerotrust")
 # RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
-_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 # RFC 6750 section 3: error_description is limited to these characters.
-_UNSAFE_DESCRIPTION = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 
 
 def principal_from_scope(scope: Scope) -> Principal | None:
@@ -142,7 +146,8 @@ class ZeroTrustMiddleware:
       bool) asked on every request.
     - ``require_token``: when False, a caller with a workload identity and no token is
       authenticated by the identity alone (service-to-service over mTLS).
-    - ``cache_ttl``/``cache_size``: the verified-token and decision cache (0 turns it off).
+    - ``cache_ttl``/``cache_size``: the decision cache (0 turns it off). Verified tokens are
+      remembered by the validator (its own ``cache_size`` and ``cache_ttl``).
     - ``realm``: the ``realm`` of the ``WWW-Authenticate`` challenge.
     - ``clock``: seconds since the epoch, used to keep cache entries within the token's ``exp``.
 
@@ -208,9 +213,7 @@ class ZeroTrustMiddleware:
             )
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
             raise ValueError(f"cache_size must be a whole number from 1 (got {cache_size!r}).")
-        if realm is not None and (
-            not isinstance(realm, str) or _UNSAFE_DESCRIPTION.search(realm) is not None
-        ):
+        if realm is not None and (not isinstance(realm, str) or not quotable(realm)):
             raise ValueError(
                 "realm must be a str of printable ASCII without quotes or backslashes "
                 f"(got {realm!r})."
@@ -310,11 +313,11 @@ class ZeroTrustMiddleware:
             expires_at = math.inf
         else:
             digest = hashlib.sha256(token.encode("ascii")).digest()
-            verified = await self._authenticate(token, digest, now)
+            verified = await self._authenticate(token)
             principal = Principal.from_token(verified, identity)
             credential = ("token", digest)
             expires_at = verified.expires_at if verified.expires_at is not None else now
-        await self._check_revocation(principal, credential)
+        await self._check_revocation(principal)
         key = (
             "decision",
             *credential,
@@ -340,11 +343,9 @@ class ZeroTrustMiddleware:
         self._remember(key, (decision, expires_at), now, expires_at)
         return principal, decision, False
 
-    async def _authenticate(self, token: str, digest: bytes, now: float) -> VerifiedToken:
-        if self._cache is not None:
-            hit = self._cache.get(("token", digest))
-            if hit is not None and hit[1] > now:
-                return hit[0]  # type: ignore[no-any-return]
+    async def _authenticate(self, token: str) -> VerifiedToken:
+        # The validator remembers the tokens it has verified (never past their exp), so a
+        # token seen before costs a lookup there, not a signature check.
         try:
             verified = await self.validator.validate_async(token)
         except InvalidTokenError as error:
@@ -361,8 +362,6 @@ class ZeroTrustMiddleware:
                 f"The token could not be checked: {error}",
                 description="The token could not be checked now; retry later.",
             ) from None
-        expires_at = verified.expires_at if verified.expires_at is not None else now
-        self._remember(("token", digest), (verified, expires_at), now, expires_at)
         return verified
 
     def _remember(self, key: tuple[Any, ...], value: object, now: float, expires_at: float) -> None:
@@ -372,7 +371,7 @@ class ZeroTrustMiddleware:
         if ttl > 1e-6:
             self._cache.set(key, value, ttl=ttl)
 
-    async def _check_revocation(self, principal: Principal, credential: tuple[Any, ...]) -> None:
+    async def _check_revocation(self, principal: Principal) -> None:
         if self.revocation is None:
             return
         try:
@@ -388,8 +387,6 @@ class ZeroTrustMiddleware:
                 principal=principal,
             ) from None
         if answer:
-            if self._cache is not None and credential[0] == "token":
-                self._cache.delete(credential)
             raise _Refusal(
                 401,
                 "The bearer token (or its subject) was revoked.",
@@ -488,15 +485,8 @@ class ZeroTrustMiddleware:
         await send({"type": "http.response.body", "body": payload})
 
     def _challenge(self, refusal: _Refusal) -> str:
-        parts = []
-        if self.realm is not None:
-            parts.append(f'realm="{self.realm}"')
-        if refusal.error is not None:
-            parts.append(f'error="{refusal.error}"')
-            if refusal.description:
-                safe = _UNSAFE_DESCRIPTION.sub("'", refusal.description)
-                parts.append(f'error_description="{safe}"')
-        return "Bearer" + (" " + ", ".join(parts) if parts else "")
+        description = refusal.description if refusal.error is not None else None
+        return bearer_challenge(self.realm, error=refusal.error, description=description)
 
 
 def _context(scope: Scope) -> dict[str, Any]:
@@ -532,15 +522,12 @@ def _bearer_token(scope: Scope) -> str | None:
             error="invalid_request",
             description="The Authorization header is malformed.",
         ) from None
-    scheme, _, credentials = header.partition(" ")
-    if scheme.lower() != "bearer":
-        return None  # another scheme: no bearer credentials were sent
-    credentials = credentials.strip()
-    if not _B64TOKEN.fullmatch(credentials):
+    try:
+        return bearer_token(header)  # None for another scheme: no bearer credentials sent
+    except MalformedAuthorizationError:
         raise _Refusal(
             400,
             "The Authorization header's Bearer credentials are not a token.",
             error="invalid_request",
             description="The Authorization header is malformed.",
-        )
-    return credentials
+        ) from None
