@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
-from buttress import ManualClock
+from buttress import ManualClock, WriteBehind
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("dev", max_examples=60, deadline=None)
@@ -75,3 +77,19 @@ def redis_url() -> str:
 def clock() -> ManualClock:
     """A manual clock at 0 s: breaker tests move time by hand and never sleep."""
     return ManualClock()
+
+
+@pytest.fixture
+def quick() -> dict[str, Any]:
+    """WriteBehind options for tests: short waits, no exit hook."""
+    return {"flush_interval": 0.01, "retry_backoff": (0.0005, 0.005), "close_at_exit": False}
+
+
+@pytest.fixture
+def stores() -> Iterator[list[WriteBehind]]:
+    """WriteBehind stores a test makes, closed at its end if it did not close them."""
+    made: list[WriteBehind] = []
+    yield made
+    for store in made:
+        if not store.queue.closed:
+            store.close(timeout=1)

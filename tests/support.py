@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -132,3 +132,61 @@ def run_threads(worker: Callable[[int], None], count: int, within: float) -> Non
     assert not any(thread.is_alive() for thread in threads), "a worker thread hung"
     if errors:
         raise errors[0]
+
+
+class CountingDatabase:
+    """A dict as the database of the caching services. Reads take ``delay`` seconds and are
+    counted; ``refuse`` fails writes; ``read_gate`` / ``write_gate`` (events) hold reads or
+    writes back until set."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.data: dict[Any, Any] = {}
+        self.reads = 0
+        self.delay = delay
+        self.refuse = False
+        self.read_gate: threading.Event | None = None
+        self.write_gate: threading.Event | None = None
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        with self._lock:
+            self.reads += 1
+            value = self.data.get(key, default)
+        if self.read_gate is not None:
+            assert self.read_gate.wait(JOIN)
+        time.sleep(self.delay)
+        return value
+
+    def write_batch(self, items: Sequence[tuple[Any, Any, bool]]) -> None:
+        if self.write_gate is not None:
+            assert self.write_gate.wait(JOIN)
+        if self.refuse:
+            raise ConnectionError("the database refused the write")
+        with self._lock:
+            for key, value, deleted in items:
+                if deleted:
+                    self.data.pop(key, None)
+                else:
+                    self.data[key] = value
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C written from its definition, so tests read the event log's format without the
+    store's own code."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()

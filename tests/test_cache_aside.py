@@ -5,47 +5,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
 from buttress.caching import CacheAside, DictCache, WriteThrough
-from support import JOIN
-
-
-class SlowDatabase:
-    """A dict whose reads take ``delay`` seconds and are counted; ``refuse`` fails writes."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.data: dict[Any, Any] = {}
-        self.reads = 0
-        self.delay = delay
-        self.refuse = False
-        self.gate: threading.Event | None = None
-        self._lock = threading.Lock()
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        with self._lock:
-            self.reads += 1
-            value = self.data.get(key, default)
-        if self.gate is not None:
-            assert self.gate.wait(JOIN)
-        time.sleep(self.delay)
-        return value
-
-    def write_batch(self, items: Sequence[tuple[Any, Any, bool]]) -> None:
-        if self.refuse:
-            raise ConnectionError("the database refused the write")
-        with self._lock:
-            for key, value, deleted in items:
-                if deleted:
-                    self.data.pop(key, None)
-                else:
-                    self.data[key] = value
+from support import JOIN, CountingDatabase
 
 
 def test_sixteen_threads_missing_one_key_load_it_once() -> None:
-    database = SlowDatabase(delay=0.05)
+    database = CountingDatabase(delay=0.05)
     database.data["hot"] = "value"
     cache = CacheAside(DictCache(), database)
     start = threading.Barrier(16)
@@ -67,7 +35,7 @@ def test_sixteen_threads_missing_one_key_load_it_once() -> None:
 
 
 def test_a_failed_load_reaches_every_waiter_and_caches_nothing() -> None:
-    class Broken(SlowDatabase):
+    class Broken(CountingDatabase):
         def get(self, key: Any, default: Any = None) -> Any:
             time.sleep(0.05)
             raise ConnectionError("down")
@@ -92,16 +60,16 @@ def test_a_failed_load_reaches_every_waiter_and_caches_nothing() -> None:
 
 
 def test_a_write_during_a_load_is_not_undone_by_it() -> None:
-    database = SlowDatabase()
+    database = CountingDatabase()
     database.data["k"] = "old"
-    database.gate = threading.Event()
+    database.read_gate = threading.Event()
     cache = CacheAside(DictCache(), database)
     got: list[Any] = []
     reader = threading.Thread(target=lambda: got.append(cache.get("k")))
     reader.start()
     while database.reads == 0:
         time.sleep(0.001)
-    database.gate.set()  # the load read "old" already
+    database.read_gate.set()  # the load read "old" already
     cache.put("k", "new")  # while its load is in flight
     reader.join(JOIN)
     assert got == ["old"]
@@ -109,7 +77,7 @@ def test_a_write_during_a_load_is_not_undone_by_it() -> None:
 
 
 def test_writes_go_to_the_database_and_invalidate() -> None:
-    database = SlowDatabase()
+    database = CountingDatabase()
     cache = CacheAside(DictCache(), database, ttl=60)
     cache.put("k", 1)
     assert cache.get("k") == 1
@@ -121,7 +89,7 @@ def test_writes_go_to_the_database_and_invalidate() -> None:
 
 
 def test_entries_expire_after_their_ttl() -> None:
-    database = SlowDatabase()
+    database = CountingDatabase()
     database.data["k"] = 1
     cache = CacheAside(DictCache(), database, ttl=0.05)
     assert cache.get("k") == 1
@@ -132,7 +100,7 @@ def test_entries_expire_after_their_ttl() -> None:
 
 
 def test_write_through_writes_the_database_first() -> None:
-    database = SlowDatabase()
+    database = CountingDatabase()
     store = WriteThrough(DictCache(), database)
     store.put("k", 1)
     assert database.data == {"k": 1}
@@ -149,9 +117,9 @@ def test_write_through_writes_the_database_first() -> None:
 @pytest.mark.parametrize("kind", [CacheAside, WriteThrough])
 def test_bad_arguments_are_refused(kind: type) -> None:
     with pytest.raises(TypeError, match="cache"):
-        kind(object(), SlowDatabase())
+        kind(object(), CountingDatabase())
     with pytest.raises(TypeError, match="database"):
         kind(DictCache(), object())
     for ttl in (0, -1, float("inf"), "5"):
         with pytest.raises(ValueError, match="ttl"):
-            kind(DictCache(), SlowDatabase(), ttl=ttl)
+            kind(DictCache(), CountingDatabase(), ttl=ttl)

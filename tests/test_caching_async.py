@@ -329,20 +329,6 @@ def nothing_swallowed(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
 
 
 @pytest.fixture
-def quick() -> dict[str, Any]:
-    return {"flush_interval": 0.01, "retry_backoff": (0.0005, 0.005), "close_at_exit": False}
-
-
-@pytest.fixture
-def stores() -> Iterator[list[WriteBehind]]:
-    made: list[WriteBehind] = []
-    yield made
-    for store in made:
-        if not store.queue.closed:
-            store.close(timeout=1)
-
-
-@pytest.fixture
 def busy_switching() -> Iterator[None]:
     """Switches threads every few microseconds, so the races below interleave finely."""
     before = sys.getswitchinterval()

@@ -36,7 +36,7 @@ from buttress import (
     Subscription,
     WrongExpectedVersionError,
 )
-from support import JOIN, background, run_threads, wait_until
+from support import JOIN, background, crc32c, run_threads, wait_until
 
 MAGIC = b"BTRSEVT1"
 SMALL_SEGMENT = 4096
@@ -91,26 +91,6 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EventStore
 
 
 # ---- the log format, read independently of the store --------------------------------------------
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
 
 
 def segments(directory: Path) -> list[Path]:

@@ -12,7 +12,7 @@ import pickle
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -22,7 +22,7 @@ import redis.asyncio
 from buttress.backends.redis import Codec, RedisCache
 from buttress.caching import CacheAside, WriteBehind, WriteThrough
 from buttress.caching.writebehind import MISSING, CacheBackend
-from support import JOIN
+from support import JOIN, CountingDatabase
 
 # Nothing listens here: a call that reached the network would raise ConnectionError.
 DEAD_URL = "redis://127.0.0.1:1/0"
@@ -46,38 +46,6 @@ class MsgpackCodec:
 
     def loads(self, data: bytes) -> Any:
         return self.decoder.decode(data)
-
-
-class DictDatabase:
-    """A dict as the database; ``refuse`` fails writes, ``gate`` holds them back, and every
-    read is counted."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.data: dict[Any, Any] = {}
-        self.reads = 0
-        self.delay = delay
-        self.refuse = False
-        self.gate: threading.Event | None = None
-        self._lock = threading.Lock()
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        with self._lock:
-            self.reads += 1
-            value = self.data.get(key, default)
-        time.sleep(self.delay)
-        return value
-
-    def write_batch(self, items: Sequence[tuple[Any, Any, bool]]) -> None:
-        if self.gate is not None:
-            assert self.gate.wait(JOIN)
-        if self.refuse:
-            raise ConnectionError("the database refused the write")
-        with self._lock:
-            for key, value, deleted in items:
-                if deleted:
-                    self.data.pop(key, None)
-                else:
-                    self.data[key] = value
 
 
 def unique_prefix() -> str:
@@ -502,7 +470,7 @@ def test_more_threads_than_connections_wait_for_one(redis_url: str, prefix: str)
 def test_cache_aside_loads_a_stampeded_key_once(
     cache: RedisCache, raw: redis.Redis, prefix: str
 ) -> None:
-    database = DictDatabase(delay=0.05)
+    database = CountingDatabase(delay=0.05)
     database.data["hot"] = b"value"
     aside = CacheAside(cache, database, ttl=30)
     start = threading.Barrier(16)
@@ -530,7 +498,7 @@ def test_cache_aside_loads_a_stampeded_key_once(
 
 
 def test_cache_aside_shares_entries_between_services(redis_url: str, prefix: str) -> None:
-    database = DictDatabase()
+    database = CountingDatabase()
     database.data["k"] = b"v"
     with RedisCache(redis_url, prefix=prefix) as one, RedisCache(redis_url, prefix=prefix) as two:
         assert CacheAside(one, database).get("k") == b"v"
@@ -541,7 +509,7 @@ def test_cache_aside_shares_entries_between_services(redis_url: str, prefix: str
 def test_write_through_writes_the_database_then_redis(
     cache: RedisCache, raw: redis.Redis, prefix: str
 ) -> None:
-    database = DictDatabase()
+    database = CountingDatabase()
     through = WriteThrough(cache, database, ttl=30)
     through.put("k", b"v1")
     assert database.data == {"k": b"v1"}
@@ -563,8 +531,8 @@ def test_write_through_writes_the_database_then_redis(
 def test_write_behind_over_redis_reads_pending_writes_and_drains_on_close(
     cache: RedisCache, raw: redis.Redis, prefix: str
 ) -> None:
-    database = DictDatabase()
-    database.gate = threading.Event()  # holds every batch back, so writes stay pending
+    database = CountingDatabase()
+    database.write_gate = threading.Event()  # holds every batch back, so writes stay pending
     store = WriteBehind(cache, database, batch_size=16, flush_interval=0.01, close_at_exit=False)
     try:
         expected: dict[str, bytes] = {}
@@ -579,7 +547,7 @@ def test_write_behind_over_redis_reads_pending_writes_and_drains_on_close(
         assert store.get("user:3") == expected["user:3"]
         assert store.get("user:7", "gone") == "gone"
     finally:
-        database.gate.set()
+        database.write_gate.set()
         left = store.close(timeout=JOIN)
     assert left == []
     assert database.data == expected
@@ -619,7 +587,7 @@ def test_write_behind_get_after_racing_sets_agrees_with_the_database(
     """Two sets of one key queue in one order and reach Redis in the other (a slow round
     trip): the overtaken one must not leave its older value in the cache."""
     held = HeldCache(cache, b"older")
-    database = DictDatabase()
+    database = CountingDatabase()
     store = WriteBehind(held, database, flush_interval=0.01, close_at_exit=False)
     try:
         first = threading.Thread(target=store.set, args=("k", b"older"))
@@ -640,7 +608,7 @@ def test_write_through_get_after_racing_puts_agrees_with_the_database(
     cache: RedisCache,
 ) -> None:
     held = HeldCache(cache, b"older")
-    database = DictDatabase()
+    database = CountingDatabase()
     through = WriteThrough(held, database)
     first = threading.Thread(target=through.put, args=("k", b"older"))
     first.start()
@@ -657,7 +625,7 @@ def test_write_through_get_after_racing_puts_agrees_with_the_database(
 def test_write_through_a_value_the_cache_refuses_leaves_no_stale_entry(
     cache: RedisCache,
 ) -> None:
-    database = DictDatabase()
+    database = CountingDatabase()
     through = WriteThrough(cache, database)
     through.put("k", b"old")
     with pytest.raises(TypeError, match=r"^value"):
@@ -666,7 +634,7 @@ def test_write_through_a_value_the_cache_refuses_leaves_no_stale_entry(
 
 
 def test_write_behind_a_set_that_raises_writes_nothing(cache: RedisCache) -> None:
-    database = DictDatabase()
+    database = CountingDatabase()
     store = WriteBehind(cache, database, flush_interval=0.01, close_at_exit=False)
     try:
         with pytest.raises(TypeError, match=r"^value"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +45,6 @@ class MemoryDatabase:
     def get(self, key: Any, default: Any = None) -> Any:
         with self._lock:
             return self.data.get(key, default)
-
-
-@pytest.fixture
-def quick() -> dict[str, Any]:
-    return {"flush_interval": 0.01, "retry_backoff": (0.0005, 0.005), "close_at_exit": False}
-
-
-@pytest.fixture
-def stores() -> Iterator[list[WriteBehind]]:
-    made: list[WriteBehind] = []
-    yield made
-    for store in made:
-        store.close(timeout=1)
 
 
 @settings(max_examples=40, deadline=None)

@@ -26,28 +26,9 @@ from buttress import EventStore, NewEvent
 from buttress.errors import AuditChainError, AuditWriteError, WrongExpectedVersionError
 from buttress.security import AuditAnchor, AuditLog, canonical_json
 from event_postgres import drop_event_tables
+from support import crc32c
 
 # -- the durable log's files (docs/event-log-format.md) ----------------------------------------
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
 
 
 def segment(directory: Path) -> Path:

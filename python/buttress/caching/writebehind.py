@@ -266,11 +266,8 @@ class WriteBehind:
         the write is refused (the queue is full or closed, or the cache's ``check`` refuses
         the key or value); a cache that fails once the write is queued is logged, and its
         entry dropped, and the write stands."""
-        if self._local is not None:
-            self.queue.put_cached(
-                key, value, self._local, block=self._block, timeout=self._full_timeout
-            )
-            return
+        # With a LocalCache, the instance's `set` is the queue's cached writer (set in
+        # __init__), which queues and caches in one call; this is every other cache's path.
         if self._check is not None:
             self._check(key, value)
         self.queue.put(key, value, block=self._block, timeout=self._full_timeout)

@@ -87,27 +87,26 @@ def load_dev_config(path: str | pathlib.Path) -> dict[str, Any]:
     return dict(config)
 
 
+def _refuse_unknown_keys(found: dict[str, Any], known: set[str], what: str) -> None:
+    unknown = sorted(set(found) - known)
+    if unknown:
+        raise ValueError(
+            f"{what} has unknown keys {', '.join(unknown)}; the known ones are "
+            f"{', '.join(sorted(known))}."
+        )
+
+
 def _check_config(config: object, where: str) -> None:
     if not isinstance(config, dict):
         raise ValueError(f"The config in {where} must be a JSON object.")
-    unknown = sorted(set(config) - _TOP_LEVEL_KEYS)
-    if unknown:
-        raise ValueError(
-            f"The config in {where} has unknown keys {', '.join(unknown)}; the known ones are "
-            f"{', '.join(sorted(_TOP_LEVEL_KEYS))}."
-        )
+    _refuse_unknown_keys(config, _TOP_LEVEL_KEYS, f"The config in {where}")
     clients = config.get("clients", [])
     if not isinstance(clients, list):
         raise ValueError(f"clients in {where} must be a list of client objects.")
     for index, client in enumerate(clients):
         if not isinstance(client, dict):
             raise ValueError(f"clients[{index}] in {where} must be an object.")
-        unknown = sorted(set(client) - _CLIENT_KEYS)
-        if unknown:
-            raise ValueError(
-                f"clients[{index}] in {where} has unknown keys {', '.join(unknown)}; the known "
-                f"ones are {', '.join(sorted(_CLIENT_KEYS))}."
-            )
+        _refuse_unknown_keys(client, _CLIENT_KEYS, f"clients[{index}] in {where}")
         if "client_id" not in client:
             raise ValueError(f"clients[{index}] in {where} needs a client_id.")
 
